@@ -1,0 +1,98 @@
+//! The one error type of kedit.
+//!
+//! Every variant says which input was wrong and how, so that a caller can show
+//! the message to a person without further context.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in kedit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory the caller named does not exist or cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model source is not a directory, a GGUF file or a hub repo id we can resolve.
+    #[error("model source {source_name}: {reason}")]
+    Source { source_name: String, reason: String },
+
+    /// A file exists but its contents are not what its format promises
+    /// (truncated safetensors, corrupt GGUF, malformed config.json, ...).
+    #[error("{path}: corrupt or unreadable {format}: {reason}")]
+    Format {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+
+    /// The checkpoint names an architecture kedit cannot run.
+    #[error("unsupported architecture {found:?} in {path}; supported: {supported}")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        found: String,
+        supported: String,
+    },
+
+    /// A configuration value kedit does not implement (instead of guessing).
+    #[error("{path}: unsupported configuration: {reason}")]
+    UnsupportedConfig { path: PathBuf, reason: String },
+
+    /// A tensor the architecture needs is absent from the checkpoint.
+    #[error("{path}: missing tensor {name}")]
+    MissingTensor { path: PathBuf, name: String },
+
+    /// A tensor is present but has the wrong shape.
+    #[error("{path}: tensor {name} has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+
+    /// A tokenizer could not be built or could not encode / decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// An argument of a call is out of its valid range or inconsistent
+    /// (empty prompt, layer out of range, subject not in prompt, ...).
+    #[error("invalid {what}: {reason}")]
+    InvalidInput { what: String, reason: String },
+
+    /// A numeric computation produced NaN or infinity.
+    #[error("non-finite value in {0}")]
+    NonFinite(String),
+
+    /// Fetching a model (from a hub or a package registry) failed.
+    #[error("fetching {what} failed: {reason}")]
+    Fetch { what: String, reason: String },
+
+    /// An error of the tensor library that is not attributable to an input.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// kedit's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,380 @@
+//! The canonical decoder: one forward pass for every family, with hook points.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{ModelConfig, Positional};
+use super::hooks::{Hooks, Site};
+use super::layers::{activate, apply_rotary, causal_mask, rotary_tables, softmax, Linear, Norm};
+use crate::{Error, Result};
+
+/// The attention projections of one block, canonical `[out, in]` weights.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+}
+
+/// The input side of an MLP.
+#[derive(Debug, Clone)]
+pub enum MlpIn {
+    /// `act(w_in x)` (GPT-2, GPT-J, GPT-NeoX).
+    Plain { w_in: Linear },
+    /// `act(w_gate x) ⊙ (w_up x)` (Llama family).
+    Gated { w_gate: Linear, w_up: Linear },
+}
+
+/// One MLP. `w_out` is `[d_model, d_ff]` for every family, so an edit is
+/// always `W_out += u vᵀ` in the same orientation.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub input: MlpIn,
+    pub w_out: Linear,
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub ln1: Norm,
+    /// `None` when attention and MLP share `ln1` (GPT-J).
+    pub ln2: Option<Norm>,
+    pub attn: Attention,
+    pub mlp: Mlp,
+}
+
+/// All weights of a model in the canonical layout.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// `[vocab, d_model]`.
+    pub embed: Tensor,
+    /// `[max_positions, d_model]` for learned positions (GPT-2).
+    pub pos_embed: Option<Tensor>,
+    pub blocks: Vec<Block>,
+    pub ln_f: Norm,
+    /// `[vocab, d_model]`; shares storage with `embed` when tied.
+    pub unembed: Linear,
+}
+
+/// Keys and values of earlier positions, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where the caller wants logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// No logits (captures only).
+    None,
+    /// The last real token of every row: `[batch, vocab]`.
+    Last,
+    /// Every position: `[batch, seq, vocab]`.
+    All,
+    /// Chosen `(row, position)` pairs: `[n, vocab]` in the order given.
+    Points(Vec<(usize, usize)>),
+}
+
+/// The result of a forward pass.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// Logits as requested by [`LogitsAt`]; `None` for [`LogitsAt::None`].
+    pub logits: Option<Tensor>,
+    /// Captured activations, indexed by [`super::hooks::CaptureId`].
+    pub captures: Vec<Tensor>,
+}
+
+impl Forward {
+    /// The capture with this id.
+    pub fn capture(&self, id: super::hooks::CaptureId) -> &Tensor {
+        &self.captures[id.0]
+    }
+}
+
+/// What one call of the decoder works on.
+pub(crate) struct Pass<'a> {
+    pub hooks: &'a Hooks,
+    pub captures: Vec<Option<Tensor>>,
+    /// Absolute position of the first column (KV cache length before the call).
+    pub offset: usize,
+}
+
+impl<'a> Pass<'a> {
+    fn hook(&mut self, site: Site, x: Tensor) -> Result<Tensor> {
+        if self.hooks.is_idle(site) {
+            return Ok(x);
+        }
+        self.hooks.apply(site, x, self.offset, &mut self.captures)
+    }
+}
+
+/// The decoder itself: configuration plus weights.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Decoder {
+    /// Token (and learned position) embeddings of `ids` (`[batch, seq]`, u32).
+    pub(crate) fn embed(&self, ids: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self
+            .weights
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.d_model))?;
+        let x = pass.hook(Site::Embed, x)?;
+        Ok(match (&self.config.positional, &self.weights.pos_embed) {
+            (Positional::Learned, Some(pos)) => {
+                if pass.offset + t > self.config.max_positions {
+                    return Err(Error::invalid(
+                        "sequence",
+                        format!(
+                            "{} positions exceed the model's maximum of {}",
+                            pass.offset + t,
+                            self.config.max_positions
+                        ),
+                    ));
+                }
+                x.broadcast_add(&pos.narrow(0, pass.offset, t)?)?
+            }
+            _ => x,
+        })
+    }
+
+    /// Runs blocks `layers` on the residual stream `x` (`[batch, seq, d_model]`).
+    pub(crate) fn blocks(
+        &self,
+        mut x: Tensor,
+        layers: std::ops::Range<usize>,
+        pass: &mut Pass,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let rotary = match &self.config.positional {
+            Positional::Rotary(r) => Some(rotary_tables(r, pass.offset, t, &self.device)?),
+            Positional::Learned => None,
+        };
+        let mask = if t > 1 || pass.offset > 0 {
+            Some(causal_mask(t, pass.offset, self.config.sliding_window, &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() < self.config.n_layers {
+                c.layers.resize(self.config.n_layers, None);
+            }
+        }
+        for l in layers {
+            let block = &self.weights.blocks[l];
+            x = pass.hook(Site::ResidPre(l), x)?;
+            let h1 = block.ln1.forward(&x)?;
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let attn = self.attention(l, &h1, rotary.as_ref(), mask.as_ref(), kv)?;
+            let attn = pass.hook(Site::AttnOut(l), attn)?;
+            if self.config.parallel_residual {
+                let h2 = match &block.ln2 {
+                    Some(ln2) => ln2.forward(&x)?,
+                    None => h1,
+                };
+                let mlp = self.mlp(l, &h2, pass)?;
+                x = ((x + attn)? + mlp)?;
+            } else {
+                x = (x + attn)?;
+                let h2 = match &block.ln2 {
+                    Some(ln2) => ln2.forward(&x)?,
+                    None => block.ln1.forward(&x)?,
+                };
+                let mlp = self.mlp(l, &h2, pass)?;
+                x = (x + mlp)?;
+            }
+            x = pass.hook(Site::ResidPost(l), x)?;
+        }
+        if let Some(c) = cache {
+            c.len = pass.offset + t;
+        }
+        Ok(x)
+    }
+
+    fn mlp(&self, l: usize, h: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let mlp = &self.weights.blocks[l].mlp;
+        let key = match &mlp.input {
+            MlpIn::Plain { w_in } => activate(self.config.activation, &w_in.forward(h)?)?,
+            MlpIn::Gated { w_gate, w_up } => {
+                (activate(self.config.activation, &w_gate.forward(h)?)? * w_up.forward(h)?)?
+            }
+        };
+        let key = pass.hook(Site::MlpKey(l), key)?;
+        let out = mlp.w_out.forward(&key)?;
+        pass.hook(Site::MlpOut(l), out)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        h: &Tensor,
+        rotary: Option<&(Tensor, Tensor)>,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let attn = &self.weights.blocks[l].attn;
+        let (b, t, _) = h.dims3()?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, cfg.head_dim))?.transpose(1, 2)?)
+        };
+        let mut q = split(attn.wq.forward(h)?, cfg.n_heads)?;
+        let mut k = split(attn.wk.forward(h)?, cfg.n_kv_heads)?;
+        let v = split(attn.wv.forward(h)?, cfg.n_kv_heads)?;
+        if let (Some((cos, sin)), Positional::Rotary(r)) = (rotary, &cfg.positional) {
+            q = apply_rotary(&q, cos, sin, r.rotary_dim)?;
+            k = apply_rotary(&k, cos, sin, r.rotary_dim)?;
+        }
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, cfg.n_heads * cfg.head_dim))?;
+        attn.wo.forward(&out)
+    }
+
+    /// Expands grouped key/value heads to one per query head.
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let g = self.config.group_size();
+        if g == 1 {
+            return Ok(x);
+        }
+        let (b, kvh, t, d) = x.dims4()?;
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((b, kvh, g, t, d))?
+            .reshape((b, kvh * g, t, d))?)
+    }
+
+    /// Final norm and unembedding of the residual stream `x` at the positions asked for.
+    pub(crate) fn head(&self, x: &Tensor, lengths: &[usize], at: &LogitsAt) -> Result<Option<Tensor>> {
+        let (b, t, d) = x.dims3()?;
+        let rows = match at {
+            LogitsAt::None => return Ok(None),
+            LogitsAt::All => {
+                let logits = self.unembed(&x.reshape((b * t, d))?)?;
+                return Ok(Some(logits.reshape((b, t, ()))?));
+            }
+            LogitsAt::Last => {
+                let ids: Vec<u32> = lengths
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &len)| (r * t + len - 1) as u32)
+                    .collect();
+                ids
+            }
+            LogitsAt::Points(points) => {
+                let mut ids = Vec::with_capacity(points.len());
+                for &(r, p) in points {
+                    if r >= b || p >= lengths[r] {
+                        return Err(Error::invalid(
+                            "logits position",
+                            format!("({r}, {p}) is outside the batch ({b} rows, lengths {lengths:?})"),
+                        ));
+                    }
+                    ids.push((r * t + p) as u32);
+                }
+                ids
+            }
+        };
+        let ids = Tensor::new(rows.as_slice(), &self.device)?;
+        let picked = x.reshape((b * t, d))?.index_select(&ids, 0)?;
+        Ok(Some(self.unembed(&picked)?))
+    }
+
+    fn unembed(&self, x: &Tensor) -> Result<Tensor> {
+        let normed = self.weights.ln_f.forward(x)?;
+        self.weights.unembed.forward(&normed)
+    }
+
+    /// Runs the whole model on a padded batch.
+    pub(crate) fn run(
+        &self,
+        ids: &Tensor,
+        lengths: &[usize],
+        at: &LogitsAt,
+        hooks: &Hooks,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Forward> {
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let (b, _t) = ids.dims2()?;
+        let abs_lengths: Vec<usize> = lengths.iter().map(|l| l + offset).collect();
+        hooks.validate(self.config.n_layers, b, &abs_lengths)?;
+        let mut pass = Pass {
+            hooks,
+            captures: vec![None; hooks.n_captures()],
+            offset,
+        };
+        let x = self.embed(ids, &mut pass)?;
+        let x = self.blocks(x, 0..self.config.n_layers, &mut pass, cache)?;
+        let logits = self.head(&x, lengths, at)?;
+        let captures = collect_captures(pass.captures)?;
+        Ok(Forward { logits, captures })
+    }
+}
+
+pub(crate) fn collect_captures(captures: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    captures
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.ok_or_else(|| {
+                Error::invalid(
+                    format!("capture {i}"),
+                    "its site was not reached (points outside this call's positions?)",
+                )
+            })
+        })
+        .collect()
+}
+
+/// Softmax probabilities of logits over the vocabulary (last dimension), in f32.
+pub fn probs(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?)
+}
+
+/// Log-probabilities over the last dimension, in f32, differentiable.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+}
