@@ -17,10 +17,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             path
         }
         Some(_) => return Err("--model needs a path".into()),
-        None => kedit::fetch::ensure(&kedit::fetch::SMOLLM2_135M)?.display().to_string(),
+        None => kedit::fetch::ensure(&kedit::fetch::SMOLLM2_135M)?
+            .display()
+            .to_string(),
     };
     let prompt = args.join(" ");
-    let prompt = if prompt.is_empty() { "The capital of France is".to_string() } else { prompt };
+    let prompt = if prompt.is_empty() {
+        "The capital of France is".to_string()
+    } else {
+        prompt
+    };
 
     let start = Instant::now();
     let model = kedit::Model::load(&model_path)?;
@@ -34,7 +40,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let start = Instant::now();
     let top = model.top_k(&prompt, 5)?;
-    println!("top-5 next tokens after {prompt:?} ({:.0} ms):", start.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "top-5 next tokens after {prompt:?} ({:.0} ms):",
+        start.elapsed().as_secs_f64() * 1e3
+    );
     for t in top {
         println!("  {:>7.4}  {:?}", t.prob, t.text);
     }

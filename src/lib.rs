@@ -21,6 +21,6 @@ pub mod model;
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use error::{Error, Result};
 pub use model::{
-    At, Batch, CaptureId, Forward, Generation, Hooks, KvCache, LoadOptions, LogitsAt, Model, ModelConfig,
-    ModelSource, Sampling, Site, TargetProb, Token, TopToken,
+    At, Batch, CaptureId, Forward, Generation, Hooks, KvCache, LoadOptions, LogitsAt, Model,
+    ModelConfig, ModelSource, Sampling, Site, TargetProb, Token, TopToken,
 };

@@ -110,9 +110,13 @@ pub struct Rotary {
 /// The `rope_scaling = {"rope_type": "llama3", ...}` parameters of Llama 3.1+.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Llama3RopeScaling {
+    /// Overall stretch of long wavelengths.
     pub factor: f64,
+    /// Wavelengths above `original / low_freq_factor` are stretched fully.
     pub low_freq_factor: f64,
+    /// Wavelengths below `original / high_freq_factor` are kept.
     pub high_freq_factor: f64,
+    /// Context length of the unscaled model.
     pub original_max_position_embeddings: usize,
 }
 
@@ -121,18 +125,27 @@ pub struct Llama3RopeScaling {
 pub struct ModelConfig {
     /// Where the layout came from (decides export names only).
     pub family: Family,
+    /// Rows of the embedding and unembedding.
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub d_model: usize,
+    /// Number of decoder blocks.
     pub n_layers: usize,
+    /// Query heads.
     pub n_heads: usize,
     /// Key/value heads (< n_heads for grouped-query attention).
     pub n_kv_heads: usize,
+    /// Width of one head.
     pub head_dim: usize,
     /// Hidden width of the MLP (the width of `MlpKey`).
     pub d_ff: usize,
+    /// LayerNorm or RMSNorm.
     pub norm: NormKind,
+    /// Epsilon of every norm.
     pub norm_eps: f64,
+    /// Learned or rotary positions.
     pub positional: Positional,
+    /// The MLP's activation.
     pub activation: Activation,
     /// `w_gate` / `w_up` (SwiGLU) instead of a single `w_in`.
     pub gated_mlp: bool,

@@ -10,9 +10,13 @@ use crate::{Error, Result};
 /// The attention projections of one block, canonical `[out, in]` weights.
 #[derive(Debug, Clone)]
 pub struct Attention {
+    /// Queries, `[n_heads · head_dim, d_model]`.
     pub wq: Linear,
+    /// Keys, `[n_kv_heads · head_dim, d_model]`.
     pub wk: Linear,
+    /// Values, `[n_kv_heads · head_dim, d_model]`.
     pub wv: Linear,
+    /// Output projection, `[d_model, n_heads · head_dim]`.
     pub wo: Linear,
 }
 
@@ -20,26 +24,39 @@ pub struct Attention {
 #[derive(Debug, Clone)]
 pub enum MlpIn {
     /// `act(w_in x)` (GPT-2, GPT-J, GPT-NeoX).
-    Plain { w_in: Linear },
+    Plain {
+        /// `[d_ff, d_model]`.
+        w_in: Linear,
+    },
     /// `act(w_gate x) ⊙ (w_up x)` (Llama family).
-    Gated { w_gate: Linear, w_up: Linear },
+    Gated {
+        /// `[d_ff, d_model]`, activated.
+        w_gate: Linear,
+        /// `[d_ff, d_model]`, linear.
+        w_up: Linear,
+    },
 }
 
 /// One MLP. `w_out` is `[d_model, d_ff]` for every family, so an edit is
 /// always `W_out += u vᵀ` in the same orientation.
 #[derive(Debug, Clone)]
 pub struct Mlp {
+    /// The projection(s) into the hidden layer.
     pub input: MlpIn,
+    /// `[d_model, d_ff]`: the matrix ROME, MEMIT and AlphaEdit edit.
     pub w_out: Linear,
 }
 
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
+    /// Norm before attention (and before the MLP when shared).
     pub ln1: Norm,
     /// `None` when attention and MLP share `ln1` (GPT-J).
     pub ln2: Option<Norm>,
+    /// Self-attention.
     pub attn: Attention,
+    /// The MLP.
     pub mlp: Mlp,
 }
 
@@ -50,7 +67,9 @@ pub struct Weights {
     pub embed: Tensor,
     /// `[max_positions, d_model]` for learned positions (GPT-2).
     pub pos_embed: Option<Tensor>,
+    /// The decoder blocks, bottom to top.
     pub blocks: Vec<Block>,
+    /// Final norm before the unembedding.
     pub ln_f: Norm,
     /// `[vocab, d_model]`; shares storage with `embed` when tied.
     pub unembed: Linear,
@@ -129,9 +148,13 @@ impl<'a> Pass<'a> {
 /// The decoder itself: configuration plus weights.
 #[derive(Debug, Clone)]
 pub struct Decoder {
+    /// Shape and family flags.
     pub config: ModelConfig,
+    /// Canonical weights.
     pub weights: Weights,
+    /// Where weights live.
     pub device: Device,
+    /// Element type of weights and activations.
     pub dtype: DType,
 }
 
@@ -177,7 +200,10 @@ impl Decoder {
             Positional::Learned => None,
         };
         let mask = if t > 1 || pass.offset > 0 {
-            Some(causal_mask(t, pass.offset, self.config.sliding_window, &self.device)?.to_dtype(self.dtype)?)
+            Some(
+                causal_mask(t, pass.offset, self.config.sliding_window, &self.device)?
+                    .to_dtype(self.dtype)?,
+            )
         } else {
             None
         };
@@ -271,7 +297,9 @@ impl Decoder {
         };
         let probs = softmax(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, cfg.n_heads * cfg.head_dim))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, cfg.n_heads * cfg.head_dim))?;
         attn.wo.forward(&out)
     }
 
@@ -288,7 +316,12 @@ impl Decoder {
     }
 
     /// Final norm and unembedding of the residual stream `x` at the positions asked for.
-    pub(crate) fn head(&self, x: &Tensor, lengths: &[usize], at: &LogitsAt) -> Result<Option<Tensor>> {
+    pub(crate) fn head(
+        &self,
+        x: &Tensor,
+        lengths: &[usize],
+        at: &LogitsAt,
+    ) -> Result<Option<Tensor>> {
         let (b, t, d) = x.dims3()?;
         let rows = match at {
             LogitsAt::None => return Ok(None),
@@ -310,7 +343,9 @@ impl Decoder {
                     if r >= b || p >= lengths[r] {
                         return Err(Error::invalid(
                             "logits position",
-                            format!("({r}, {p}) is outside the batch ({b} rows, lengths {lengths:?})"),
+                            format!(
+                                "({r}, {p}) is outside the batch ({b} rows, lengths {lengths:?})"
+                            ),
                         ));
                     }
                     ids.push((r * t + p) as u32);
@@ -371,10 +406,15 @@ pub(crate) fn collect_captures(captures: Vec<Option<Tensor>>) -> Result<Vec<Tens
 
 /// Softmax probabilities of logits over the vocabulary (last dimension), in f32.
 pub fn probs(logits: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?)
+    Ok(candle_nn::ops::softmax_last_dim(
+        &logits.to_dtype(DType::F32)?,
+    )?)
 }
 
 /// Log-probabilities over the last dimension, in f32, differentiable.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+    Ok(candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?)
 }

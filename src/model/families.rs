@@ -75,7 +75,11 @@ impl JsonConfig<'_> {
     fn token_ids(&self, key: &str) -> Vec<u32> {
         match self.get(key) {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -96,8 +100,8 @@ impl JsonConfig<'_> {
             "relu" => Activation::Relu,
             other => {
                 return Err(self.unsupported(format!(
-                    "activation {other:?} (supported: gelu_new, gelu_pytorch_tanh, gelu, silu, relu)"
-                )))
+                "activation {other:?} (supported: gelu_new, gelu_pytorch_tanh, gelu, silu, relu)"
+            )))
             }
         })
     }
@@ -105,7 +109,9 @@ impl JsonConfig<'_> {
     /// `rope_theta` and Llama 3 scaling, from the flat keys or from
     /// `rope_parameters` (newer transformers).
     fn rope(&self, rotary_dim: usize, default_theta: f64) -> Result<Rotary> {
-        let params = self.get("rope_parameters").or_else(|| self.get("rope_scaling"));
+        let params = self
+            .get("rope_parameters")
+            .or_else(|| self.get("rope_scaling"));
         let theta = match self.get("rope_theta") {
             Some(_) => self.f64("rope_theta")?,
             None => params
@@ -155,15 +161,16 @@ impl JsonConfig<'_> {
 pub(crate) fn config_from_json(path: &Path, value: &Value) -> Result<ModelConfig> {
     let c = JsonConfig { path, value };
     let model_type = c.str_or("model_type", "")?;
-    let family = Family::from_model_type(model_type).ok_or_else(|| Error::UnsupportedArchitecture {
-        path: path.to_path_buf(),
-        found: if model_type.is_empty() {
-            "(no model_type)".into()
-        } else {
-            model_type.into()
-        },
-        supported: Family::SUPPORTED.into(),
-    })?;
+    let family =
+        Family::from_model_type(model_type).ok_or_else(|| Error::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            found: if model_type.is_empty() {
+                "(no model_type)".into()
+            } else {
+                model_type.into()
+            },
+            supported: Family::SUPPORTED.into(),
+        })?;
     let bos = c.token_ids("bos_token_id").first().copied();
     let eos = c.token_ids("eos_token_id");
     let cfg = match family {
@@ -291,11 +298,17 @@ pub(crate) fn validate_config(path: &Path, cfg: &ModelConfig) -> Result<()> {
         return bad("a zero dimension (layers, d_model, heads or vocab)".into());
     }
     if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
-        return bad(format!("{} heads are not a multiple of {} key/value heads", cfg.n_heads, cfg.n_kv_heads));
+        return bad(format!(
+            "{} heads are not a multiple of {} key/value heads",
+            cfg.n_heads, cfg.n_kv_heads
+        ));
     }
     if let Positional::Rotary(r) = &cfg.positional {
         if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > cfg.head_dim {
-            return bad(format!("rotary dimension {} for head dimension {}", r.rotary_dim, cfg.head_dim));
+            return bad(format!(
+                "rotary dimension {} for head dimension {}",
+                r.rotary_dim, cfg.head_dim
+            ));
         }
     }
     Ok(())
@@ -306,7 +319,12 @@ pub(crate) fn validate_config(path: &Path, cfg: &ModelConfig) -> Result<()> {
 /// `2i, 2i+1`) to the half-split one (pairs `i, i + r/2`) within the first
 /// `rotary_dim` rows of every head. Since q and k get the same permutation,
 /// attention scores are unchanged.
-pub(crate) fn interleaved_to_half(t: &Tensor, heads: usize, head_dim: usize, rotary_dim: usize) -> Result<Tensor> {
+pub(crate) fn interleaved_to_half(
+    t: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+) -> Result<Tensor> {
     let rest: Vec<usize> = t.dims()[1..].to_vec();
     let mut per_head = vec![heads, head_dim];
     per_head.extend(&rest);
@@ -316,7 +334,11 @@ pub(crate) fn interleaved_to_half(t: &Tensor, heads: usize, head_dim: usize, rot
     pairs.extend(&rest);
     let mut back = vec![heads, rotary_dim];
     back.extend(&rest);
-    let rot = rot.reshape(pairs)?.transpose(1, 2)?.contiguous()?.reshape(back)?;
+    let rot = rot
+        .reshape(pairs)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(back)?;
     let x = if rotary_dim < head_dim {
         Tensor::cat(&[&rot, &x.narrow(1, rotary_dim, head_dim - rotary_dim)?], 1)?
     } else {
@@ -328,7 +350,11 @@ pub(crate) fn interleaved_to_half(t: &Tensor, heads: usize, head_dim: usize, rot
 }
 
 /// Loads the canonical weights of `cfg.family` from `src`.
-pub(crate) fn build_weights(cfg: &ModelConfig, src: &mut dyn TensorSource, gguf_llama: bool) -> Result<Weights> {
+pub(crate) fn build_weights(
+    cfg: &ModelConfig,
+    src: &mut dyn TensorSource,
+    gguf_llama: bool,
+) -> Result<Weights> {
     match cfg.family {
         Family::Gpt2 => gpt2(cfg, src),
         Family::GptJ => gptj(cfg, src),
@@ -337,7 +363,13 @@ pub(crate) fn build_weights(cfg: &ModelConfig, src: &mut dyn TensorSource, gguf_
     }
 }
 
-fn linear(src: &mut dyn TensorSource, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+fn linear(
+    src: &mut dyn TensorSource,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Linear> {
     Ok(Linear {
         weight: src.load_shaped(&format!("{prefix}.weight"), &[out, inp])?,
         bias: if bias {
@@ -362,7 +394,13 @@ fn norm(cfg: &ModelConfig, src: &mut dyn TensorSource, prefix: &str, bias: bool)
 }
 
 /// The unembedding: tied to the embedding or its own `[vocab, d]` matrix.
-fn unembed(cfg: &ModelConfig, src: &mut dyn TensorSource, embed: &Tensor, name: &str, bias: bool) -> Result<Linear> {
+fn unembed(
+    cfg: &ModelConfig,
+    src: &mut dyn TensorSource,
+    embed: &Tensor,
+    name: &str,
+    bias: bool,
+) -> Result<Linear> {
     if cfg.tied_embeddings {
         return Ok(Linear {
             weight: embed.clone(),
@@ -384,7 +422,11 @@ fn conv1d(src: &mut dyn TensorSource, prefix: &str, inp: usize, out: usize) -> R
 fn gpt2(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Weights> {
     // Checkpoints saved from GPT2LMHeadModel prefix "transformer."; the
     // original ones do not.
-    let p = if src.contains("transformer.wte.weight") { "transformer." } else { "" };
+    let p = if src.contains("transformer.wte.weight") {
+        "transformer."
+    } else {
+        ""
+    };
     let d = cfg.d_model;
     let embed = src.load_shaped(&format!("{p}wte.weight"), &[cfg.vocab_size, d])?;
     let pos = src.load_shaped(&format!("{p}wpe.weight"), &[cfg.max_positions, d])?;
@@ -395,7 +437,13 @@ fn gpt2(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Weights> {
         let part = |i: usize| -> Result<Linear> {
             Ok(Linear {
                 weight: qkv.weight.narrow(0, i * d, d)?.contiguous()?,
-                bias: Some(qkv.bias.as_ref().expect("c_attn has a bias").narrow(0, i * d, d)?.contiguous()?),
+                bias: Some(
+                    qkv.bias
+                        .as_ref()
+                        .expect("c_attn has a bias")
+                        .narrow(0, i * d, d)?
+                        .contiguous()?,
+                ),
             })
         };
         blocks.push(Block {
@@ -481,9 +529,19 @@ fn neox(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Weights> {
     for l in 0..cfg.n_layers {
         let b = format!("gpt_neox.layers.{l}");
         // The fused projection is laid out [heads, (q, k, v), head_dim].
-        let qkv = linear(src, &format!("{b}.attention.query_key_value"), 3 * d, d, true)?;
+        let qkv = linear(
+            src,
+            &format!("{b}.attention.query_key_value"),
+            3 * d,
+            d,
+            true,
+        )?;
         let w = qkv.weight.reshape((h, 3, hd, d))?;
-        let bias = qkv.bias.as_ref().expect("query_key_value has a bias").reshape((h, 3, hd))?;
+        let bias = qkv
+            .bias
+            .as_ref()
+            .expect("query_key_value has a bias")
+            .reshape((h, 3, hd))?;
         let part = |i: usize| -> Result<Linear> {
             Ok(Linear {
                 weight: w.narrow(1, i, 1)?.contiguous()?.reshape((d, d))?,
@@ -492,7 +550,12 @@ fn neox(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Weights> {
         };
         blocks.push(Block {
             ln1: norm(cfg, src, &format!("{b}.input_layernorm"), true)?,
-            ln2: Some(norm(cfg, src, &format!("{b}.post_attention_layernorm"), true)?),
+            ln2: Some(norm(
+                cfg,
+                src,
+                &format!("{b}.post_attention_layernorm"),
+                true,
+            )?),
             attn: Attention {
                 wq: part(0)?,
                 wk: part(1)?,
@@ -533,11 +596,17 @@ fn llama(cfg: &ModelConfig, src: &mut dyn TensorSource, gguf_llama: bool) -> Res
             // llama.cpp's converter permutes Llama q/k rows into the
             // interleaved rotary form; undo it.
             wq.weight = interleaved_to_half(&wq.weight, cfg.n_heads, cfg.head_dim, cfg.head_dim)?;
-            wk.weight = interleaved_to_half(&wk.weight, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim)?;
+            wk.weight =
+                interleaved_to_half(&wk.weight, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim)?;
         }
         blocks.push(Block {
             ln1: norm(cfg, src, &format!("{b}.input_layernorm"), false)?,
-            ln2: Some(norm(cfg, src, &format!("{b}.post_attention_layernorm"), false)?),
+            ln2: Some(norm(
+                cfg,
+                src,
+                &format!("{b}.post_attention_layernorm"),
+                false,
+            )?),
             attn: Attention {
                 wq,
                 wk,

@@ -73,14 +73,22 @@ pub enum Action {
     /// or depend on one; gradients flow into it.
     Add(Tensor),
     /// Add Gaussian noise `N(0, std²)` drawn from a generator seeded with `seed`.
-    Noise { std: f64, seed: u64 },
+    Noise {
+        /// Standard deviation.
+        std: f64,
+        /// Seed of the generator.
+        seed: u64,
+    },
 }
 
 /// One hook: a site, the activations it touches and what it does.
 #[derive(Debug, Clone)]
 pub struct Hook {
+    /// Where.
     pub site: Site,
+    /// Which rows and positions.
     pub at: At,
+    /// What.
     pub action: Action,
 }
 

@@ -25,7 +25,9 @@ impl Linear {
     /// Applies the layer to `x` of shape `[.., in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (in_features, rest) = dims.split_last().expect("linear input has a last dimension");
+        let (in_features, rest) = dims
+            .split_last()
+            .expect("linear input has a last dimension");
         let rows: usize = rest.iter().product();
         let x2 = x.reshape((rows, *in_features))?.contiguous()?;
         // The custom op records a backward only when x carries a gradient.
@@ -100,16 +102,20 @@ impl CustomOp2 for FrozenMatmul {
 /// LayerNorm or RMSNorm over the last dimension.
 #[derive(Debug, Clone)]
 pub struct Norm {
+    /// LayerNorm or RMSNorm.
     pub kind: NormKind,
+    /// Scale, `[d_model]`.
     pub weight: Tensor,
+    /// Shift, `[d_model]` (LayerNorm only).
     pub bias: Option<Tensor>,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl Norm {
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.track_op() {
+        if !x.track_op() && x.dtype() != candle_core::DType::F64 {
             // No gradient can flow through x: candle's fused kernels are exact
             // and faster.
             return Ok(match (self.kind, &self.bias) {
@@ -199,7 +205,8 @@ fn llama3_scale(inv_freq: f64, s: &super::config::Llama3RopeScaling) -> f64 {
     } else if wavelen > low_wavelen {
         inv_freq / s.factor
     } else {
-        let smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        let smooth =
+            (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
         (1.0 - smooth) * inv_freq / s.factor + smooth * inv_freq
     }
 }
@@ -247,7 +254,7 @@ pub fn causal_mask(
 
 /// Softmax over the last dimension from differentiable primitives.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
+    if x.track_op() || x.dtype() == candle_core::DType::F64 {
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     } else {
         Ok(candle_nn::ops::softmax_last_dim(x)?)

@@ -32,7 +32,12 @@ pub enum ModelSource {
     /// A single GGUF file.
     Gguf(PathBuf),
     /// A Hugging Face repo id, resolved through the hf-hub cache.
-    Hub { repo: String, revision: String },
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit (default `main`).
+        revision: String,
+    },
 }
 
 impl ModelSource {
@@ -120,18 +125,26 @@ impl Model {
             ));
         }
         let config_path = dir.join("config.json");
-        let config_text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| Error::Format {
-            path: config_path.clone(),
-            format: "config.json",
-            reason: e.to_string(),
-        })?;
+        let config_text =
+            std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&config_text).map_err(|e| Error::Format {
+                path: config_path.clone(),
+                format: "config.json",
+                reason: e.to_string(),
+            })?;
         let config = families::config_from_json(&config_path, &json)?;
         let shards = safetensors_files(dir)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let mut src = SafetensorsSource::open(dir, &shards, &opts.device, opts.dtype)?;
         let weights = families::build_weights(&config, &mut src, false)?;
-        Self::assemble(config, weights, tokenizer, ModelSource::Dir(dir.to_path_buf()), opts)
+        Self::assemble(
+            config,
+            weights,
+            tokenizer,
+            ModelSource::Dir(dir.to_path_buf()),
+            opts,
+        )
     }
 
     /// Loads a GGUF file (Llama and Qwen2 architectures), dequantising every
@@ -142,7 +155,13 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf(path, &src.content.metadata)?;
         let gguf_llama = config.family == Family::Llama;
         let weights = families::build_weights(&config, &mut src, gguf_llama)?;
-        Self::assemble(config, weights, tokenizer, ModelSource::Gguf(path.to_path_buf()), opts)
+        Self::assemble(
+            config,
+            weights,
+            tokenizer,
+            ModelSource::Gguf(path.to_path_buf()),
+            opts,
+        )
     }
 
     /// Resolves a Hugging Face repo id through hf-hub (its cache honoured;
@@ -163,7 +182,9 @@ impl Model {
     pub fn load_hub(repo: &str, _revision: &str, _opts: &LoadOptions) -> Result<Self> {
         Err(Error::Source {
             source_name: repo.to_string(),
-            reason: "kedit was built without the `hub` feature; pass a local directory or GGUF file".into(),
+            reason:
+                "kedit was built without the `hub` feature; pass a local directory or GGUF file"
+                    .into(),
         })
     }
 
@@ -240,17 +261,25 @@ impl Model {
     /// matrix of a small model: ask only for what you need); `hooks` observe
     /// and intervene.
     pub fn forward(&self, batch: &Batch, at: &LogitsAt, hooks: &Hooks) -> Result<Forward> {
-        self.decoder.run(&batch.ids, &batch.lengths, at, hooks, None)
+        self.decoder
+            .run(&batch.ids, &batch.lengths, at, hooks, None)
     }
 
     /// Runs new tokens of one sequence through the model, extending `cache`;
     /// returns the logits of the last new token (`[vocab]`).
-    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache, hooks: &Hooks) -> Result<Tensor> {
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        hooks: &Hooks,
+    ) -> Result<Tensor> {
         if ids.is_empty() {
             return Err(Error::invalid("token ids", "no tokens to run"));
         }
         let t = Tensor::new(ids, self.device())?.unsqueeze(0)?;
-        let out = self.decoder.run(&t, &[ids.len()], &LogitsAt::Last, hooks, Some(cache))?;
+        let out = self
+            .decoder
+            .run(&t, &[ids.len()], &LogitsAt::Last, hooks, Some(cache))?;
         Ok(out.logits.expect("logits were requested").squeeze(0)?)
     }
 
@@ -282,7 +311,10 @@ impl Batch {
         let mut flat = Vec::with_capacity(seqs.len() * max_len);
         for (i, s) in seqs.iter().enumerate() {
             if s.is_empty() {
-                return Err(Error::invalid(format!("sequence {i} of the batch"), "it is empty"));
+                return Err(Error::invalid(
+                    format!("sequence {i} of the batch"),
+                    "it is empty",
+                ));
             }
             if let Some(&bad) = s.iter().find(|&&id| id as usize >= vocab) {
                 return Err(Error::invalid(
@@ -311,11 +343,14 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             format: "safetensors index",
             reason: e.to_string(),
         })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Format {
-            path: index.clone(),
-            format: "safetensors index",
-            reason: "no weight_map object".into(),
-        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Format {
+                path: index.clone(),
+                format: "safetensors index",
+                reason: "no weight_map object".into(),
+            })?;
         let mut files: Vec<PathBuf> = map
             .values()
             .filter_map(|v| v.as_str())
@@ -325,7 +360,13 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         for f in &files {
             if !f.is_file() {
-                return Err(Error::io(f, std::io::Error::new(std::io::ErrorKind::NotFound, "shard named by the index is missing")));
+                return Err(Error::io(
+                    f,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard named by the index is missing",
+                    ),
+                ));
             }
         }
         return Ok(files);
@@ -339,7 +380,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if files.is_empty() {
         return Err(Error::io(
             dir.join("model.safetensors"),
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors file in the directory"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no *.safetensors file in the directory",
+            ),
         ));
     }
     Ok(files)
@@ -450,7 +494,13 @@ fn fingerprint(config: &ModelConfig, weights: &Weights) -> Result<String> {
     };
     sample(&weights.embed)?;
     for b in &weights.blocks {
-        for t in [&b.attn.wq.weight, &b.attn.wk.weight, &b.attn.wv.weight, &b.attn.wo.weight, &b.mlp.w_out.weight] {
+        for t in [
+            &b.attn.wq.weight,
+            &b.attn.wk.weight,
+            &b.attn.wv.weight,
+            &b.attn.wo.weight,
+            &b.mlp.w_out.weight,
+        ] {
             sample(t)?;
         }
     }
@@ -470,17 +520,21 @@ mod hub {
     /// snapshot directory that holds them.
     pub fn fetch(repo_id: &str, revision: &str) -> Result<PathBuf> {
         let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         let err = |reason: String| Error::Fetch {
             what: format!("{repo_id}@{revision}"),
             reason,
         };
-        let get: Box<dyn Fn(&str) -> Result<PathBuf>> = if offline {
+        type Getter<'a> = Box<dyn Fn(&str) -> Result<PathBuf> + 'a>;
+        let get: Getter = if offline {
             let cache = hf_hub::Cache::from_env().repo(repo.clone());
             Box::new(move |f: &str| {
-                cache
-                    .get(f)
-                    .ok_or_else(|| err(format!("{f} is not in the hf-hub cache and HF_HUB_OFFLINE is set")))
+                cache.get(f).ok_or_else(|| {
+                    err(format!(
+                        "{f} is not in the hf-hub cache and HF_HUB_OFFLINE is set"
+                    ))
+                })
             })
         } else {
             let api = hf_hub::api::sync::ApiBuilder::from_env()
@@ -494,15 +548,20 @@ mod hub {
         match get("model.safetensors.index.json") {
             Ok(index) => {
                 let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-                let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-                    path: index.clone(),
-                    format: "safetensors index",
-                    reason: e.to_string(),
-                })?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::Format {
+                        path: index.clone(),
+                        format: "safetensors index",
+                        reason: e.to_string(),
+                    })?;
                 let mut files: Vec<String> = json
                     .get("weight_map")
                     .and_then(|m| m.as_object())
-                    .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 files.sort();
                 files.dedup();

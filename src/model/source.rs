@@ -69,8 +69,8 @@ impl SafetensorsSource {
                 format: "safetensors",
                 reason,
             };
-            let (header_len, metadata) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| corrupt(e.to_string()))?;
+            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| corrupt(e.to_string()))?;
             let data_start = 8 + header_len;
             let mut tensors = HashMap::new();
             let mut data_end = 0;
@@ -100,11 +100,6 @@ impl SafetensorsSource {
             device: device.clone(),
             dtype,
         })
-    }
-
-    /// Every tensor name in the shards.
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.index.keys()
     }
 }
 
@@ -144,7 +139,10 @@ impl TensorSource for SafetensorsSource {
             format: "safetensors",
             reason: format!("tensor {name} has unsupported dtype {:?}", info.dtype),
         })?;
-        let (start, end) = (file.data_start + info.data_offsets.0, file.data_start + info.data_offsets.1);
+        let (start, end) = (
+            file.data_start + info.data_offsets.0,
+            file.data_start + info.data_offsets.1,
+        );
         let bytes = &file.mmap[start..end];
         let tensor = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
@@ -260,7 +258,10 @@ impl TensorSource for GgufSource {
             .filter(|g| self.content.tensor_infos.contains_key(g))
             .ok_or_else(|| Error::MissingTensor {
                 path: self.path.clone(),
-                name: format!("{name} (GGUF: {})", Self::gguf_name(name).unwrap_or_default()),
+                name: format!(
+                    "{name} (GGUF: {})",
+                    Self::gguf_name(name).unwrap_or_default()
+                ),
             })?;
         let corrupt = |e: candle_core::Error| Error::Format {
             path: self.path.clone(),

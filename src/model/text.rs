@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
 use super::decoder::{log_softmax, probs, KvCache, LogitsAt};
@@ -31,9 +31,11 @@ impl TargetProb {
 /// One of the most likely next tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopToken {
+    /// Token id.
     pub id: u32,
     /// The token decoded to text (e.g. `" Paris"`).
     pub text: String,
+    /// Its probability.
     pub prob: f32,
 }
 
@@ -45,8 +47,11 @@ pub enum Sampling {
     /// Sample from the softmax at `temperature`, optionally restricted to the
     /// `top_k` most likely tokens, from a generator seeded with `seed`.
     Sample {
+        /// Divides the logits (> 0).
         temperature: f64,
+        /// Keep only this many most likely tokens.
         top_k: Option<usize>,
+        /// Seed of the sampler.
         seed: u64,
     },
 }
@@ -75,7 +80,10 @@ impl Model {
         check_prompt(prompt)?;
         let tokens = self.tokenizer().encode(prompt, true)?;
         if tokens.is_empty() {
-            return Err(Error::invalid("prompt", format!("{prompt:?} tokenises to nothing")));
+            return Err(Error::invalid(
+                "prompt",
+                format!("{prompt:?} tokenises to nothing"),
+            ));
         }
         Ok(tokens)
     }
@@ -93,16 +101,26 @@ impl Model {
         }
         let ids = self.tokenizer().encode_ids(target, false)?;
         if ids.is_empty() {
-            return Err(Error::invalid("target", format!("{target:?} tokenises to nothing")));
+            return Err(Error::invalid(
+                "target",
+                format!("{target:?} tokenises to nothing"),
+            ));
         }
         Ok(ids)
     }
 
     /// Formats `template` (which contains `{}`) with `subject` and returns
     /// the prompt's tokens and the token range covering the subject.
-    pub fn subject_tokens(&self, template: &str, subject: &str) -> Result<(Vec<Token>, Range<usize>)> {
+    pub fn subject_tokens(
+        &self,
+        template: &str,
+        subject: &str,
+    ) -> Result<(Vec<Token>, Range<usize>)> {
         if !template.contains("{}") {
-            return Err(Error::invalid("prompt template", format!("{template:?} has no {{}} for the subject")));
+            return Err(Error::invalid(
+                "prompt template",
+                format!("{template:?} has no {{}} for the subject"),
+            ));
         }
         if subject.trim().is_empty() {
             return Err(Error::invalid("subject", "it is empty"));
@@ -119,19 +137,29 @@ impl Model {
             return Err(Error::invalid("subject", "it is empty"));
         }
         let start = prompt.find(subject).ok_or_else(|| {
-            Error::invalid("subject", format!("{subject:?} does not occur in the prompt {prompt:?}"))
+            Error::invalid(
+                "subject",
+                format!("{subject:?} does not occur in the prompt {prompt:?}"),
+            )
         })?;
         self.span_of(prompt, start..start + subject.len(), subject)
     }
 
-    fn span_of(&self, prompt: &str, bytes: Range<usize>, subject: &str) -> Result<(Vec<Token>, Range<usize>)> {
+    fn span_of(
+        &self,
+        prompt: &str,
+        bytes: Range<usize>,
+        subject: &str,
+    ) -> Result<(Vec<Token>, Range<usize>)> {
         let tokens = self.tokenize(prompt)?;
         // A token belongs to the subject when its bytes overlap the subject's
         // (" Eiffel" counts: its leading space lies outside, its word inside).
         let inside: Vec<usize> = tokens
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.bytes.start < bytes.end && t.bytes.end > bytes.start && !t.bytes.is_empty())
+            .filter(|(_, t)| {
+                t.bytes.start < bytes.end && t.bytes.end > bytes.start && !t.bytes.is_empty()
+            })
             .map(|(i, _)| i)
             .collect();
         match (inside.first(), inside.last()) {
@@ -167,7 +195,11 @@ impl Model {
         Ok(spans
             .into_iter()
             .map(|(first, tgt)| {
-                let lp: Vec<f32> = tgt.iter().enumerate().map(|(i, &id)| logp[first + i][id as usize]).collect();
+                let lp: Vec<f32> = tgt
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| logp[first + i][id as usize])
+                    .collect();
                 TargetProb {
                     mean_nll: -lp.iter().sum::<f32>() / lp.len() as f32,
                     token_probs: lp.iter().map(|x| x.exp()).collect(),
@@ -194,7 +226,9 @@ impl Model {
     pub fn top_of(&self, p: &[f32], k: usize) -> Result<Vec<TopToken>> {
         let mut order: Vec<usize> = (0..p.len()).collect();
         let k = k.min(p.len());
-        order.select_nth_unstable_by(k.saturating_sub(1).min(p.len() - 1), |&a, &b| p[b].total_cmp(&p[a]));
+        order.select_nth_unstable_by(k.saturating_sub(1).min(p.len() - 1), |&a, &b| {
+            p[b].total_cmp(&p[a])
+        });
         order.truncate(k);
         order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
         order
@@ -211,7 +245,12 @@ impl Model {
 
     /// Generates up to `max_new_tokens` after `prompt` with a KV cache,
     /// stopping early at an end-of-sequence token.
-    pub fn generate(&self, prompt: &str, max_new_tokens: usize, sampling: &Sampling) -> Result<Generation> {
+    pub fn generate(
+        &self,
+        prompt: &str,
+        max_new_tokens: usize,
+        sampling: &Sampling,
+    ) -> Result<Generation> {
         let ids = self.prompt_ids(prompt)?;
         let room = self.config().max_positions.saturating_sub(ids.len());
         let max_new = max_new_tokens.min(room);
@@ -223,7 +262,10 @@ impl Model {
                 seed,
             } => {
                 if !(temperature.is_finite() && *temperature > 0.0) {
-                    return Err(Error::invalid("temperature", format!("{temperature} must be > 0")));
+                    return Err(Error::invalid(
+                        "temperature",
+                        format!("{temperature} must be > 0"),
+                    ));
                 }
                 let s = match top_k {
                     Some(k) => CandleSampling::TopK {
@@ -254,9 +296,4 @@ impl Model {
             ids: out,
         })
     }
-}
-
-/// Returns the logits as a probability vector (f32).
-pub fn softmax_vec(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(probs(logits)?.to_vec1()?)
 }

@@ -20,6 +20,7 @@ use crate::{Error, Result};
 /// One token of an encoded text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
+    /// Token id.
     pub id: u32,
     /// The token's text as the vocabulary spells it.
     pub text: String,
@@ -49,7 +50,10 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Format {
             path: path.to_path_buf(),
@@ -78,14 +82,19 @@ impl Tokenizer {
             format: "GGUF tokenizer",
             reason,
         };
-        let get = |k: &str| meta.get(k).ok_or_else(|| corrupt(format!("metadata key {k} is missing")));
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| corrupt(format!("metadata key {k} is missing")))
+        };
         let model = get("tokenizer.ggml.model")?
             .to_string()
             .map_err(|e| corrupt(e.to_string()))?;
         if model != "gpt2" {
             return Err(Error::UnsupportedConfig {
                 path: path.to_path_buf(),
-                reason: format!("GGUF tokenizer model {model:?} (supported: gpt2, i.e. byte-level BPE)"),
+                reason: format!(
+                    "GGUF tokenizer model {model:?} (supported: gpt2, i.e. byte-level BPE)"
+                ),
             });
         }
         let strings = |k: &str| -> Result<Vec<String>> {
@@ -93,7 +102,11 @@ impl Tokenizer {
                 .to_vec()
                 .map_err(|e| corrupt(e.to_string()))?
                 .iter()
-                .map(|v| v.to_string().cloned().map_err(|e| corrupt(format!("{k}: {e}"))))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| corrupt(format!("{k}: {e}")))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
@@ -107,8 +120,11 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let merges: Vec<(String, String)> = merges_raw
             .iter()
             .map(|m| {
@@ -138,7 +154,9 @@ impl Tokenizer {
             .filter(|(_, &t)| t == 3)
             .map(|(s, _)| AddedToken::from(s.clone(), true))
             .collect();
-        inner.add_special_tokens(specials);
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| corrupt(format!("special tokens: {e}")))?;
 
         let u32_of = |k: &str| meta.get(k).and_then(|v| v.to_u32().ok());
         let add_bos = meta
@@ -146,8 +164,9 @@ impl Tokenizer {
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
         if add_bos {
-            let bos = u32_of("tokenizer.ggml.bos_token_id")
-                .ok_or_else(|| corrupt("add_bos_token is set but bos_token_id is missing".into()))?;
+            let bos = u32_of("tokenizer.ggml.bos_token_id").ok_or_else(|| {
+                corrupt("add_bos_token is set but bos_token_id is missing".into())
+            })?;
             let bos_text = tokens
                 .get(bos as usize)
                 .ok_or_else(|| corrupt(format!("bos_token_id {bos} is outside the vocabulary")))?;
@@ -218,9 +237,13 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<PreTokenizerWrapper> {
     // GPT-2's split pattern is built into ByteLevel(use_regex = true).
     let byte_level = |use_regex: bool| ByteLevel::new(false, true, use_regex).into();
     let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| tok_err("pre-tokenizer regex", e))?
-            .into())
+        Ok(Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| tok_err("pre-tokenizer regex", e))?
+        .into())
     };
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" => byte_level(true),
