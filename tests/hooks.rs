@@ -215,3 +215,63 @@ fn point_captures_are_rows_of_full_captures() {
         0.0
     );
 }
+
+/// Splitting rows at different points, caching the prefixes and running only
+/// the suffix columns from a middle layer reproduces the full run's logits
+/// (the mechanism that lets the v* optimisation skip δ-independent work).
+#[test]
+fn ragged_prefix_cache_and_forward_from_match_full_run() {
+    for family in ["llama", "gpt2", "gptj", "mistral"] {
+        let model = tiny(family);
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![3, 14, 15, 92, 65, 35, 89],
+            vec![27, 18, 28, 18],
+            vec![5, 6, 7, 8, 9, 10],
+        ];
+        let splits = [4usize, 1, 3];
+        let layer = 1;
+        let batch = model.batch(&seqs).unwrap();
+        let mut hooks = Hooks::new();
+        let resid = hooks.capture(Site::ResidPre(layer), At::All);
+        let (full, cache) = model
+            .forward_with_cache(&batch, &LogitsAt::All, &hooks)
+            .unwrap();
+        let full_logits = full.logits.clone().unwrap();
+        let resid = full.capture(resid);
+        // Suffix columns of every row, right-padded.
+        let lens: Vec<usize> = seqs.iter().zip(splits).map(|(s, p)| s.len() - p).collect();
+        let width = *lens.iter().max().unwrap();
+        let rows: Vec<Tensor> = (0..seqs.len())
+            .map(|r| {
+                let row = resid.get(r).unwrap().narrow(0, splits[r], lens[r]).unwrap();
+                row.pad_with_zeros(0, 0, width - lens[r]).unwrap()
+            })
+            .collect();
+        let suffix = Tensor::stack(&rows, 0).unwrap();
+        let mut prefix = cache
+            .prefixes(&splits, layer..model.config().n_layers)
+            .unwrap();
+        let out = model
+            .forward_from(
+                layer,
+                &suffix,
+                &lens,
+                &LogitsAt::All,
+                &Hooks::new(),
+                Some(&mut prefix),
+            )
+            .unwrap()
+            .logits
+            .unwrap();
+        for r in 0..seqs.len() {
+            let want = full_logits
+                .get(r)
+                .unwrap()
+                .narrow(0, splits[r], lens[r])
+                .unwrap();
+            let got = out.get(r).unwrap().narrow(0, 0, lens[r]).unwrap();
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-4, "{family} row {r}: {diff}");
+        }
+    }
+}

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{ModelConfig, Positional};
 use super::hooks::{Hooks, Site};
-use super::layers::{activate, apply_rotary, causal_mask, rotary_tables, softmax, Linear, Norm};
+use super::layers::{activate, apply_rotary, attention_mask, rotary_tables, softmax, Linear, Norm};
 use crate::{Error, Result};
 
 /// The attention projections of one block, canonical `[out, in]` weights.
@@ -76,10 +76,16 @@ pub struct Weights {
 }
 
 /// Keys and values of earlier positions, for incremental decoding.
+///
+/// Rows may hold prefixes of different lengths: row `r` then starts with
+/// `pads[r]` padding columns that no query attends to, and its next position
+/// is `columns − pads[r]`. A call that extends the cache must give every row
+/// the same number of real new tokens.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    pads: Vec<usize>,
+    columns: usize,
 }
 
 impl KvCache {
@@ -88,14 +94,64 @@ impl KvCache {
         Self::default()
     }
 
-    /// Number of positions already cached.
+    /// Number of cached columns (positions of the longest row).
     pub fn len(&self) -> usize {
-        self.len
+        self.columns
     }
 
     /// True when nothing is cached yet.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.columns == 0
+    }
+
+    /// Keeps, for each row `r`, only its first `lengths[r]` positions of
+    /// layers `layers` (left-padded to a common width): the cache of the
+    /// prompt prefixes before a per-row split point. Only layers in the range
+    /// are kept.
+    pub fn prefixes(&self, lengths: &[usize], layers: std::ops::Range<usize>) -> Result<KvCache> {
+        let max = lengths.iter().copied().max().unwrap_or(0);
+        if lengths.len() != self.pads.len() || self.pads.iter().any(|&p| p > 0) {
+            return Err(Error::invalid(
+                "KV cache",
+                "prefixes need an unpadded cache of the same rows",
+            ));
+        }
+        if max == 0 || max > self.columns {
+            return Err(Error::invalid(
+                "prefix lengths",
+                format!("{lengths:?} for a cache of {} columns", self.columns),
+            ));
+        }
+        let mut out = KvCache {
+            layers: vec![None; self.layers.len()],
+            pads: lengths.iter().map(|&l| max - l).collect(),
+            columns: max,
+        };
+        for l in layers {
+            let Some((k, v)) = self.layers.get(l).and_then(Option::as_ref) else {
+                return Err(Error::invalid(
+                    "KV cache",
+                    format!("layer {l} is not cached"),
+                ));
+            };
+            let cut = |t: &Tensor| -> Result<Tensor> {
+                let mut rows = Vec::with_capacity(lengths.len());
+                for (r, &len) in lengths.iter().enumerate() {
+                    let row = t.narrow(0, r, 1)?.narrow(2, 0, len)?;
+                    let row = if len < max {
+                        let (_, h, _, d) = row.dims4()?;
+                        let pad = Tensor::zeros((1, h, max - len, d), row.dtype(), row.device())?;
+                        Tensor::cat(&[&pad, &row], 2)?
+                    } else {
+                        row
+                    };
+                    rows.push(row);
+                }
+                Ok(Tensor::cat(&rows, 0)?.contiguous()?)
+            };
+            out.layers[l] = Some((cut(k)?, cut(v)?));
+        }
+        Ok(out)
     }
 }
 
@@ -194,24 +250,33 @@ impl Decoder {
         pass: &mut Pass,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let t = x.dim(1)?;
+        let (b, t, _) = x.dims3()?;
+        let (cached, pads) = match cache.as_deref_mut() {
+            Some(c) => {
+                if c.layers.len() < self.config.n_layers {
+                    c.layers.resize(self.config.n_layers, None);
+                }
+                if c.pads.is_empty() {
+                    c.pads = vec![0; b];
+                }
+                if c.pads.len() != b {
+                    return Err(Error::invalid(
+                        "KV cache",
+                        format!("it holds {} rows but the input has {b}", c.pads.len()),
+                    ));
+                }
+                (c.columns, c.pads.clone())
+            }
+            None => (0, vec![0; b]),
+        };
+        let starts: Vec<usize> = pads.iter().map(|p| cached - p).collect();
         let rotary = match &self.config.positional {
-            Positional::Rotary(r) => Some(rotary_tables(r, pass.offset, t, &self.device)?),
+            Positional::Rotary(r) => Some(rotary_tables(r, &starts, t, &self.device)?),
             Positional::Learned => None,
         };
-        let mask = if t > 1 || pass.offset > 0 {
-            Some(
-                causal_mask(t, pass.offset, self.config.sliding_window, &self.device)?
-                    .to_dtype(self.dtype)?,
-            )
-        } else {
-            None
-        };
-        if let Some(c) = cache.as_deref_mut() {
-            if c.layers.len() < self.config.n_layers {
-                c.layers.resize(self.config.n_layers, None);
-            }
-        }
+        let mask = attention_mask(t, cached, &pads, self.config.sliding_window, &self.device)?
+            .map(|m| m.to_dtype(self.dtype))
+            .transpose()?;
         for l in layers {
             let block = &self.weights.blocks[l];
             x = pass.hook(Site::ResidPre(l), x)?;
@@ -238,7 +303,7 @@ impl Decoder {
             x = pass.hook(Site::ResidPost(l), x)?;
         }
         if let Some(c) = cache {
-            c.len = pass.offset + t;
+            c.columns = cached + t;
         }
         Ok(x)
     }
@@ -386,6 +451,102 @@ impl Decoder {
         let logits = self.head(&x, lengths, at)?;
         let captures = collect_captures(pass.captures)?;
         Ok(Forward { logits, captures })
+    }
+}
+
+impl Decoder {
+    /// Embeds `ids` and runs blocks `0..=last_layer` only (no head): for
+    /// statistics and keys, which never need the layers above.
+    pub(crate) fn run_until(
+        &self,
+        ids: &Tensor,
+        lengths: &[usize],
+        last_layer: usize,
+        hooks: &Hooks,
+    ) -> Result<Forward> {
+        if last_layer >= self.config.n_layers {
+            return Err(Error::invalid(
+                "layer",
+                format!(
+                    "{last_layer} is out of range: the model has {} layers",
+                    self.config.n_layers
+                ),
+            ));
+        }
+        let (b, _) = ids.dims2()?;
+        hooks.validate(last_layer + 1, b, lengths)?;
+        let mut pass = Pass {
+            hooks,
+            captures: vec![None; hooks.n_captures()],
+            offset: 0,
+        };
+        let x = self.embed(ids, &mut pass)?;
+        self.blocks(x, 0..last_layer + 1, &mut pass, None)?;
+        Ok(Forward {
+            logits: None,
+            captures: collect_captures(pass.captures)?,
+        })
+    }
+
+    /// Runs blocks `first_layer..` and the head on a residual stream `x`
+    /// (`[batch, cols, d_model]`, the input of block `first_layer`) whose rows
+    /// continue the prefixes held in `cache` (positions continue after them).
+    /// Hook points and `at` index the columns of `x`.
+    pub(crate) fn run_from(
+        &self,
+        first_layer: usize,
+        x: &Tensor,
+        lengths: &[usize],
+        at: &LogitsAt,
+        hooks: &Hooks,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Forward> {
+        if first_layer > self.config.n_layers {
+            return Err(Error::invalid(
+                "layer",
+                format!(
+                    "{first_layer} is out of range: the model has {} layers",
+                    self.config.n_layers
+                ),
+            ));
+        }
+        let (b, _, d) = x.dims3()?;
+        if d != self.config.d_model || lengths.len() != b {
+            return Err(Error::invalid(
+                "residual stream",
+                format!(
+                    "shape {:?} with {} lengths for d_model {}",
+                    x.dims(),
+                    lengths.len(),
+                    self.config.d_model
+                ),
+            ));
+        }
+        hooks.validate(self.config.n_layers, b, lengths)?;
+        for h in hooks.hooks() {
+            if h.site.layer().is_none_or(|l| l < first_layer) {
+                return Err(Error::invalid(
+                    format!("hook site {:?}", h.site),
+                    format!("it lies below layer {first_layer}, where this pass starts"),
+                ));
+            }
+        }
+        let mut pass = Pass {
+            hooks,
+            captures: vec![None; hooks.n_captures()],
+            offset: 0,
+        };
+        let x = self.blocks(
+            x.clone(),
+            first_layer..self.config.n_layers,
+            &mut pass,
+            cache,
+        )?;
+        let logits = self.head(&x, lengths, at)?;
+        Ok(Forward {
+            logits,
+            captures: collect_captures(pass.captures)?,
+        })
     }
 }
 

@@ -161,11 +161,12 @@ pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Cosine and sine tables for rotary positions `start..start + len`:
-/// two tensors `[len, rotary_dim / 2]`.
+/// Cosine and sine tables for rotary positions `start_r..start_r + len` of
+/// every row `r`: `[len, rotary_dim / 2]` when all rows start at the same
+/// position, else `[rows, 1, len, rotary_dim / 2]` (broadcast over heads).
 pub fn rotary_tables(
     rotary: &Rotary,
-    start: usize,
+    starts: &[usize],
     len: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
@@ -179,19 +180,35 @@ pub fn rotary_tables(
             }
         })
         .collect();
-    let mut cos = Vec::with_capacity(len * half);
-    let mut sin = Vec::with_capacity(len * half);
-    for pos in start..start + len {
-        for f in &inv_freq {
-            let angle = pos as f64 * f;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+    let uniform = starts.windows(2).all(|w| w[0] == w[1]);
+    let rows: &[usize] = if uniform {
+        &starts[..1.min(starts.len())]
+    } else {
+        starts
+    };
+    let mut cos = Vec::with_capacity(rows.len() * len * half);
+    let mut sin = Vec::with_capacity(rows.len() * len * half);
+    for &start in rows {
+        for pos in start..start + len {
+            for f in &inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (len, half), device)?,
-        Tensor::from_vec(sin, (len, half), device)?,
-    ))
+    if uniform {
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    } else {
+        let shape = (rows.len(), 1, len, half);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
+    }
 }
 
 /// Llama 3's frequency-dependent rescaling of one inverse frequency.
@@ -232,24 +249,45 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dim: usize) -
     }
 }
 
-/// Additive attention mask `[q_len, k_len]`: 0 where query `i` (at absolute
-/// position `offset + i`) may attend key `j`, −∞ elsewhere.
-pub fn causal_mask(
+/// Additive attention mask for `q_len` new columns after `cached` columns
+/// of keys already in a cache, where row `r` starts with `pads[r]` padding
+/// columns: 0 where a query may attend a key, −∞ elsewhere. Shape
+/// `[q_len, cached + q_len]` when no row is padded, else
+/// `[rows, 1, q_len, cached + q_len]`; `None` when nothing is masked.
+pub fn attention_mask(
     q_len: usize,
-    offset: usize,
+    cached: usize,
+    pads: &[usize],
     window: Option<usize>,
     device: &Device,
-) -> Result<Tensor> {
-    let k_len = offset + q_len;
-    let mut mask = Vec::with_capacity(q_len * k_len);
-    for i in 0..q_len {
-        let q_pos = offset + i;
-        for j in 0..k_len {
-            let visible = j <= q_pos && window.is_none_or(|w| q_pos - j < w);
-            mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+) -> Result<Option<Tensor>> {
+    let k_len = cached + q_len;
+    let padded = pads.iter().any(|&p| p > 0);
+    let windowed = window.is_some_and(|w| k_len > w);
+    if q_len == 1 && !padded && !windowed {
+        return Ok(None);
+    }
+    let rows: &[usize] = if padded { pads } else { &[0] };
+    let mut mask = Vec::with_capacity(rows.len() * q_len * k_len);
+    for &pad in rows {
+        for i in 0..q_len {
+            let q_col = cached + i;
+            for c in 0..k_len {
+                // Position differences do not depend on the padding.
+                let visible = c >= pad && c <= q_col && window.is_none_or(|w| q_col - c < w);
+                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
         }
     }
-    Ok(Tensor::from_vec(mask, (q_len, k_len), device)?)
+    if padded {
+        Ok(Some(Tensor::from_vec(
+            mask,
+            (rows.len(), 1, q_len, k_len),
+            device,
+        )?))
+    } else {
+        Ok(Some(Tensor::from_vec(mask, (q_len, k_len), device)?))
+    }
 }
 
 /// Softmax over the last dimension from differentiable primitives.

@@ -283,6 +283,53 @@ impl Model {
         Ok(out.logits.expect("logits were requested").squeeze(0)?)
     }
 
+    /// Runs the embedding and blocks `0..=last_layer` only, for captures
+    /// (statistics, keys): the layers above and the unembedding are skipped.
+    pub fn forward_until(
+        &self,
+        batch: &Batch,
+        last_layer: usize,
+        hooks: &Hooks,
+    ) -> Result<Forward> {
+        self.decoder
+            .run_until(&batch.ids, &batch.lengths, last_layer, hooks)
+    }
+
+    /// Runs blocks `first_layer..` and the head on a given residual stream
+    /// `resid` (`[batch, cols, d_model]`, the input of block `first_layer`).
+    ///
+    /// With `cache` (see [`KvCache::prefixes`]) the columns continue each
+    /// row's cached prefix, so work on the prefix is not repeated; the cache
+    /// is extended, so pass a clone to keep it. `lengths` are the real
+    /// column counts of each row; hook points and `at` index these columns.
+    pub fn forward_from(
+        &self,
+        first_layer: usize,
+        resid: &Tensor,
+        lengths: &[usize],
+        at: &LogitsAt,
+        hooks: &Hooks,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Forward> {
+        self.decoder
+            .run_from(first_layer, resid, lengths, at, hooks, cache)
+    }
+
+    /// Runs a batch and also returns the KV cache of every layer (all
+    /// columns), for [`KvCache::prefixes`].
+    pub fn forward_with_cache(
+        &self,
+        batch: &Batch,
+        at: &LogitsAt,
+        hooks: &Hooks,
+    ) -> Result<(Forward, KvCache)> {
+        let mut cache = KvCache::new();
+        let out = self
+            .decoder
+            .run(&batch.ids, &batch.lengths, at, hooks, Some(&mut cache))?;
+        Ok((out, cache))
+    }
+
     /// A batch of token-id sequences, right-padded.
     pub fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
         Batch::new(seqs, self.device(), self.config().vocab_size)
