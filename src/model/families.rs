@@ -217,7 +217,17 @@ pub(crate) fn config_from_json(path: &Path, value: &Value) -> Result<ModelConfig
             let d = c.usize("hidden_size")?;
             let heads = c.usize("num_attention_heads")?;
             let head_dim = d / heads;
-            let pct = c.f64_or("rotary_pct", 1.0)?;
+            // GPT-NeoX's default rotary fraction is 0.25; newer configs call
+            // it partial_rotary_factor (possibly inside rope_parameters).
+            let pct = match (c.get("rotary_pct"), c.get("partial_rotary_factor")) {
+                (Some(_), _) => c.f64("rotary_pct")?,
+                (None, Some(_)) => c.f64("partial_rotary_factor")?,
+                (None, None) => c
+                    .get("rope_parameters")
+                    .and_then(|p| p.get("partial_rotary_factor"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.25),
+            };
             let rotary_dim = (head_dim as f64 * pct) as usize;
             let theta = c.f64_or("rotary_emb_base", 10000.0)?;
             let parallel = c.bool_or("use_parallel_residual", true)?;
