@@ -16,10 +16,12 @@
 
 mod error;
 pub mod fetch;
+pub mod locate;
 pub mod model;
 
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use error::{Error, Result};
+pub use locate::{trace, Aggregate, TraceOptions, TraceResult, Tracer};
 pub use model::{
     At, Batch, CaptureId, Forward, Generation, Hooks, KvCache, LoadOptions, LogitsAt, Model,
     ModelConfig, ModelSource, Sampling, Site, TargetProb, Token, TopToken,

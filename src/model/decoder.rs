@@ -153,6 +153,33 @@ impl KvCache {
         }
         Ok(out)
     }
+
+    /// The cache of the given rows, in that order (repeats allowed): one
+    /// cached prefix continued in several batch rows.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
+        let n = self.pads.len();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::invalid(
+                "KV cache rows",
+                format!("row {bad} is out of range: the cache holds {n} rows"),
+            ));
+        }
+        let mut layers = vec![None; self.layers.len()];
+        if !rows.is_empty() {
+            let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            for (slot, layer) in layers.iter_mut().zip(&self.layers) {
+                if let Some((k, v)) = layer {
+                    let idx = Tensor::new(ids.as_slice(), k.device())?;
+                    *slot = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+                }
+            }
+        }
+        Ok(KvCache {
+            layers,
+            pads: rows.iter().map(|&r| self.pads[r]).collect(),
+            columns: self.columns,
+        })
+    }
 }
 
 /// Where the caller wants logits.
