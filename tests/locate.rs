@@ -315,17 +315,31 @@ fn aggregate_averages_positions_and_recommends_layers() {
     assert_eq!(layers, vec![peak]);
 }
 
+/// The facts file parses (tests read shared data relative to the crate root).
+#[test]
+fn known_facts_file_parses() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/known_1000.json");
+    let facts = kedit::locate::load_known_facts(&path).unwrap();
+    assert_eq!(facts.len(), 1209);
+    assert_eq!(facts[0].subject, "Vinson Massif");
+    assert_eq!(facts[0].attribute, "Antarctica");
+    assert!(facts.iter().all(|f| f.prompt.contains(&f.subject)));
+    let missing = kedit::locate::load_known_facts(std::path::Path::new("no/such/file.json"));
+    assert!(matches!(missing, Err(Error::Io { .. })));
+}
+
 /// The real model: corrupting "The Eiffel Tower" makes " Paris" much less
-/// likely, and the MLP effect is strongest at a subject token.
+/// likely, and the MLP effect is strongest at a subject token. To stay fast,
+/// 3 noise samples and MLP windows centred on every fifth layer.
 #[test]
 fn smollm2_eiffel_tower_is_traced_to_the_subject() {
     let Some(model) = smollm2() else { return };
     let o = TraceOptions {
         samples: 3,
-        kinds: vec![Kind::Mlp],
         ..Default::default()
     };
-    let r = trace(
+    let tracer = Tracer::new(
         model,
         "The Eiffel Tower is located in the city of",
         "The Eiffel Tower",
@@ -333,19 +347,32 @@ fn smollm2_eiffel_tower_is_traced_to_the_subject() {
         &o,
     )
     .unwrap();
-    assert_eq!(r.answer, " Paris");
-    assert!(r.clean_prob > 0.2, "clean {}", r.clean_prob);
+    assert_eq!(tracer.answer(), " Paris");
+    let (clean, corrupted) = (tracer.clean_prob(), tracer.corrupted_prob());
+    assert!(clean > 0.2, "clean {clean}");
     assert!(
-        r.corrupted_prob < 0.5 * r.clean_prob,
-        "corrupted {} vs clean {}",
-        r.corrupted_prob,
-        r.clean_prob
+        corrupted < 0.5 * clean,
+        "corrupted {corrupted} vs clean {clean}"
     );
-    let (t, l) = r.grid(Kind::Mlp).unwrap().argmax();
+    let n_layers = tracer.n_layers();
+    let n_tokens = tracer.tokens().len();
+    let mut cells = Vec::new();
+    let mut sets = Vec::new();
+    for t in 0..n_tokens {
+        for l in (0..n_layers).step_by(5) {
+            cells.push((t, l));
+            sets.push(Kind::Mlp.sites(l, t, o.window, n_layers));
+        }
+    }
+    let p = tracer.restored_probs(&sets).unwrap();
+    let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+    let (t, l) = cells[best];
     assert!(
-        r.is_subject(t),
-        "strongest MLP effect at token {t} {:?} (layer {l}), subject {:?}",
-        r.tokens[t],
-        r.subject_span
+        tracer.subject_span().contains(&t),
+        "strongest MLP effect {} at token {t} {:?} (layer {l}), subject {:?}",
+        p[best] - corrupted,
+        tracer.tokens()[t],
+        tracer.subject_span()
     );
+    assert!(p[best] - corrupted > 0.1, "effect {}", p[best] - corrupted);
 }
