@@ -183,7 +183,7 @@ impl Figure {
                         format!(" stroke=\"{}\" stroke-width=\"1\"", c.hex())
                     });
                     s.push_str(&format!(
-                        "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"{}\"{stroke}/>\n",
+                        "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"{}\" shape-rendering=\"crispEdges\"{stroke}/>\n",
                         fmt_num(*x),
                         fmt_num(*y),
                         fmt_num(*w),
