@@ -7,7 +7,8 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use kedit::{Hooks, LogitsAt, Model};
 
-const TEXT: &str = "The Eiffel Tower is located in the city of Paris, and it was built for the world fair of 1889";
+const TEXT: &str =
+    "The Eiffel Tower is located in the city of Paris, and it was built for the world fair of 1889";
 
 fn sixteen_tokens(model: &Model) -> Vec<u32> {
     let mut ids = model.prompt_ids(TEXT).expect("tokenize");
@@ -23,10 +24,18 @@ fn bench_model(c: &mut Criterion, name: &str, model: &Model) {
     let mut group = c.benchmark_group(format!("forward_16_tokens/{name}"));
     group.sample_size(30);
     group.bench_function("logits_all_positions", |b| {
-        b.iter(|| model.forward(&batch, &LogitsAt::All, &hooks).expect("forward"))
+        b.iter(|| {
+            model
+                .forward(&batch, &LogitsAt::All, &hooks)
+                .expect("forward")
+        })
     });
     group.bench_function("logits_last_position", |b| {
-        b.iter(|| model.forward(&batch, &LogitsAt::Last, &hooks).expect("forward"))
+        b.iter(|| {
+            model
+                .forward(&batch, &LogitsAt::Last, &hooks)
+                .expect("forward")
+        })
     });
     group.finish();
 }
@@ -40,7 +49,9 @@ fn forward(c: &mut Criterion) {
             let model = Model::load(path.to_str().expect("utf-8 path")).expect("SmolLM2");
             bench_model(c, "smollm2_135m_f32", &model);
         }
-        None => eprintln!("SmolLM2 not in the kedit cache: run `cargo run --release --example fetch_model`"),
+        None => eprintln!(
+            "SmolLM2 not in the kedit cache: run `cargo run --release --example fetch_model`"
+        ),
     }
 }
 

@@ -14,10 +14,14 @@
 
 #![warn(missing_docs)]
 
+pub mod edit;
 mod error;
 pub mod fetch;
+pub mod io;
+pub mod linalg;
 pub mod locate;
 pub mod model;
+pub mod stats;
 
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use error::{Error, Result};

@@ -137,6 +137,11 @@ impl KvCache {
             let cut = |t: &Tensor| -> Result<Tensor> {
                 let mut rows = Vec::with_capacity(lengths.len());
                 for (r, &len) in lengths.iter().enumerate() {
+                    if len == 0 {
+                        let (_, h, _, d) = t.dims4()?;
+                        rows.push(Tensor::zeros((1, h, max, d), t.dtype(), t.device())?);
+                        continue;
+                    }
                     let row = t.narrow(0, r, 1)?.narrow(2, 0, len)?;
                     let row = if len < max {
                         let (_, h, _, d) = row.dims4()?;

@@ -109,6 +109,7 @@ impl Model {
 
     /// Loads a model from `source` with explicit options.
     pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        prefer_serial_elementwise_ops();
         match source {
             ModelSource::Dir(dir) => Self::load_dir(dir, opts),
             ModelSource::Gguf(path) => Self::load_gguf(path, opts),
@@ -334,6 +335,24 @@ impl Model {
     pub fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
         Batch::new(seqs, self.device(), self.config().vocab_size)
     }
+}
+
+/// Makes candle run element-wise CPU kernels on the calling thread unless
+/// the user chose otherwise (`CANDLE_NUM_THREADS`).
+///
+/// candle's pool for element-wise ops synchronises through spinning
+/// barriers; at the tensor sizes of editing (a few thousand elements) that
+/// costs far more than it saves: a ROME v* optimisation on SmolLM2 ran 3×
+/// slower with it on 2 cores. Matrix products keep their own threading.
+fn prefer_serial_elementwise_ops() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            // Called before any candle kernel of this process has read the
+            // variable (it is read once); setting it affects nothing else.
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+    });
 }
 
 /// Token ids of several sequences, right-padded to a common length.

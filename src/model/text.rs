@@ -243,6 +243,56 @@ impl Model {
             .collect()
     }
 
+    /// Samples `n` continuations of `new_tokens` tokens each after the token
+    /// ids `prefix`, as one batch with a KV cache (no early stop).
+    pub fn sample_continuations(
+        &self,
+        prefix: &[u32],
+        n: usize,
+        new_tokens: usize,
+        sampling: &Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
+        if prefix.is_empty() || n == 0 {
+            return Err(Error::invalid("sampling", "an empty prefix or zero rows"));
+        }
+        let mut processor = logits_processor(sampling)?;
+        let rows = vec![prefix.to_vec(); n];
+        let batch = self.batch(&rows)?;
+        let mut cache = KvCache::new();
+        let hooks = Hooks::new();
+        let mut logits = self
+            .decoder()
+            .run(
+                &batch.ids,
+                &batch.lengths,
+                &LogitsAt::Last,
+                &hooks,
+                Some(&mut cache),
+            )?
+            .logits
+            .expect("logits requested");
+        let mut out = vec![Vec::with_capacity(new_tokens); n];
+        for step in 0..new_tokens {
+            let logits32 = logits.to_dtype(DType::F32)?;
+            let mut next = Vec::with_capacity(n);
+            for (r, row) in out.iter_mut().enumerate() {
+                let id = processor.sample(&logits32.get(r)?)?;
+                row.push(id);
+                next.push(id);
+            }
+            if step + 1 == new_tokens {
+                break;
+            }
+            let ids = candle_core::Tensor::from_vec(next, (n, 1), self.device())?;
+            logits = self
+                .decoder()
+                .run(&ids, &vec![1; n], &LogitsAt::Last, &hooks, Some(&mut cache))?
+                .logits
+                .expect("logits requested");
+        }
+        Ok(out)
+    }
+
     /// Generates up to `max_new_tokens` after `prompt` with a KV cache,
     /// stopping early at an end-of-sequence token.
     pub fn generate(
@@ -254,31 +304,7 @@ impl Model {
         let ids = self.prompt_ids(prompt)?;
         let room = self.config().max_positions.saturating_sub(ids.len());
         let max_new = max_new_tokens.min(room);
-        let mut processor = match sampling {
-            Sampling::Greedy => LogitsProcessor::from_sampling(0, CandleSampling::ArgMax),
-            Sampling::Sample {
-                temperature,
-                top_k,
-                seed,
-            } => {
-                if !(temperature.is_finite() && *temperature > 0.0) {
-                    return Err(Error::invalid(
-                        "temperature",
-                        format!("{temperature} must be > 0"),
-                    ));
-                }
-                let s = match top_k {
-                    Some(k) => CandleSampling::TopK {
-                        k: *k,
-                        temperature: *temperature,
-                    },
-                    None => CandleSampling::All {
-                        temperature: *temperature,
-                    },
-                };
-                LogitsProcessor::from_sampling(*seed, s)
-            }
-        };
+        let mut processor = logits_processor(sampling)?;
         let mut cache = KvCache::new();
         let hooks = Hooks::new();
         let mut logits = self.forward_cached(&ids, &mut cache, &hooks)?;
@@ -296,4 +322,32 @@ impl Model {
             ids: out,
         })
     }
+}
+
+fn logits_processor(sampling: &Sampling) -> Result<LogitsProcessor> {
+    Ok(match sampling {
+        Sampling::Greedy => LogitsProcessor::from_sampling(0, CandleSampling::ArgMax),
+        Sampling::Sample {
+            temperature,
+            top_k,
+            seed,
+        } => {
+            if !(temperature.is_finite() && *temperature > 0.0) {
+                return Err(Error::invalid(
+                    "temperature",
+                    format!("{temperature} must be > 0"),
+                ));
+            }
+            let s = match top_k {
+                Some(k) => CandleSampling::TopK {
+                    k: *k,
+                    temperature: *temperature,
+                },
+                None => CandleSampling::All {
+                    temperature: *temperature,
+                },
+            };
+            LogitsProcessor::from_sampling(*seed, s)
+        }
+    })
 }

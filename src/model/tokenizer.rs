@@ -221,6 +221,13 @@ impl Tokenizer {
             .map_err(|e| tok_err(&format!("decoding {ids:?}"), e))
     }
 
+    /// Decodes ids into text, leaving special tokens out.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| tok_err(&format!("decoding {ids:?}"), e))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,0 +1,65 @@
+//! Hyper-parameters of ROME, with per-family defaults.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Family, ModelConfig};
+use crate::stats::StatsOptions;
+
+/// ROME's hyper-parameters (names follow the paper's and the reference
+/// implementation's where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RomeHParams {
+    /// The block whose `mlp.w_out` is edited.
+    pub layer: usize,
+    /// Adam learning rate of δ.
+    pub v_lr: f64,
+    /// Adam steps at most.
+    pub v_steps: usize,
+    /// Weight of ‖δ‖² / ‖v‖² in the loss.
+    pub v_weight_decay: f64,
+    /// ‖δ‖ is clamped to this multiple of ‖v‖ (the MLP output at the subject).
+    pub clamp_norm_factor: f64,
+    /// Weight of the KL term keeping "{subject} is a" unchanged.
+    pub kl_factor: f64,
+    /// Stop once the total loss is below this (modify, insert).
+    pub early_stop_loss: f64,
+    /// Context templates: (tokens, how many), sampled from the model.
+    pub context_templates: Vec<(usize, usize)>,
+    /// Seed of the context-template sampler.
+    pub templates_seed: u64,
+    /// Statistics of the keys (`C = E[k kᵀ]`).
+    pub stats: StatsOptions,
+}
+
+impl RomeHParams {
+    /// Defaults for a model. The layer is the one measured best for the
+    /// family's reference model where we measured it (SmolLM2-135M: see
+    /// the README); elsewhere a fraction of the depth that matches the
+    /// published choices (GPT-2 XL 17/48, GPT-J 5/28, Llama-7B 5/32).
+    pub fn for_model(config: &ModelConfig) -> Self {
+        let n = config.n_layers;
+        let layer = match config.family {
+            Family::Gpt2 => (n as f64 * 0.35).round() as usize,
+            Family::GptJ | Family::GptNeoX => (n as f64 * 0.18).round() as usize,
+            Family::Llama | Family::Mistral | Family::Qwen2 => {
+                if n == 30 && config.d_model == 576 {
+                    4 // SmolLM2-135M, by the layer scan
+                } else {
+                    (n as f64 * 0.16).round() as usize
+                }
+            }
+        };
+        Self {
+            layer: layer.min(n.saturating_sub(1)),
+            v_lr: 0.5,
+            v_steps: 20,
+            v_weight_decay: 1e-3,
+            clamp_norm_factor: 4.0,
+            kl_factor: 0.0625,
+            early_stop_loss: 5e-2,
+            context_templates: vec![(5, 10), (10, 10)],
+            templates_seed: 0,
+            stats: StatsOptions::default(),
+        }
+    }
+}
