@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decoder;
+mod export;
 mod families;
 pub mod hooks;
 pub mod layers;
@@ -98,6 +99,8 @@ pub struct Model {
     tokenizer: Tokenizer,
     source: ModelSource,
     fingerprint: String,
+    /// The `config.json` of a directory source, written back on export.
+    config_json: Option<serde_json::Value>,
 }
 
 impl Model {
@@ -139,13 +142,15 @@ impl Model {
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let mut src = SafetensorsSource::open(dir, &shards, &opts.device, opts.dtype)?;
         let weights = families::build_weights(&config, &mut src, false)?;
-        Self::assemble(
+        let mut model = Self::assemble(
             config,
             weights,
             tokenizer,
             ModelSource::Dir(dir.to_path_buf()),
             opts,
-        )
+        )?;
+        model.config_json = Some(json);
+        Ok(model)
     }
 
     /// Loads a GGUF file (Llama and Qwen2 architectures), dequantising every
@@ -207,6 +212,7 @@ impl Model {
             tokenizer,
             source,
             fingerprint,
+            config_json: None,
         })
     }
 

@@ -1,0 +1,286 @@
+//! The editor on tiny fixtures: the rank-one solve, the journal, deltas on
+//! disk, export, and bad input (typed errors, weights untouched).
+
+mod common;
+
+use common::*;
+use kedit::edit::{Delta, EditRequest, Editor, RomeHParams};
+use kedit::stats::{Corpus, StatsOptions};
+use kedit::{Error, Hooks, LogitsAt, Model, Tensor};
+
+fn corpus() -> Corpus {
+    let words = "the capital of france is paris and the capital of italy is rome . the tower is located in the city of paris \
+                 she plays the piano and he plays the guitar . the mother tongue of his team is english";
+    let texts: Vec<String> = (0..40)
+        .map(|i| {
+            let w: Vec<&str> = words.split(' ').collect();
+            let start = (i * 7) % w.len();
+            w.iter()
+                .cycle()
+                .skip(start)
+                .take(12 + i % 9)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    Corpus::Texts {
+        name: "tiny-test".into(),
+        texts,
+    }
+}
+
+fn editor(family: &str, layer: usize, stats_dir: &std::path::Path) -> Editor {
+    let model = tiny(family);
+    let mut hp = RomeHParams::for_model(model.config());
+    hp.layer = layer;
+    hp.v_steps = 12;
+    hp.context_templates = vec![(3, 2), (5, 2)];
+    hp.stats = StatsOptions {
+        samples: 40,
+        max_len: 24,
+        cache_dir: Some(stats_dir.to_path_buf()),
+        ..StatsOptions::default()
+    };
+    Editor::new(model).with_hparams(hp).with_corpus(corpus())
+}
+
+fn request() -> EditRequest {
+    EditRequest::modify("{} is located in the city of", "the tower", "paris", "rome")
+}
+
+fn w_out(model: &Model, layer: usize) -> Vec<Vec<f32>> {
+    model.weights().blocks[layer]
+        .mlp
+        .w_out
+        .weight
+        .to_vec2()
+        .unwrap()
+}
+
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    let err = (got - want)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let norm = want
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    err / norm
+}
+
+/// After a ROME update, `W' k* = v*` (checked independently of the editor).
+#[test]
+fn rank_one_update_maps_the_key_to_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["llama", "gpt2", "gpt_neox"] {
+        let mut ed = editor(family, 0, dir.path());
+        let applied = ed.apply(&request()).unwrap();
+        let l = &applied.delta.layers[0];
+        let w = &ed.model().weights().blocks[0].mlp.w_out.weight;
+        let got = w.matmul(&l.keys).unwrap();
+        let err = relative_error(&got, &l.values);
+        assert!(err <= 1e-4, "{family}: ‖W'k* − v*‖/‖v*‖ = {err}");
+        assert!(applied.report.rewrite_error <= 1e-4);
+        // The update is rank one and equals left ⊗ right.
+        assert_eq!(l.left.dims(), &[ed.model().config().d_model, 1]);
+        assert_eq!(l.right.dims(), &[ed.model().config().d_ff, 1]);
+        assert!(applied.report.delta_norm > 0.0);
+        // The optimisation made progress on the target.
+        let losses = &applied.report.losses;
+        assert!(losses.last().unwrap() < &losses[0], "{family}: {losses:?}");
+    }
+}
+
+/// Undo restores the original weights bit for bit, in any order.
+#[test]
+fn undo_is_bit_exact_in_any_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor("llama", 0, dir.path());
+    let original1 = w_out(ed.model(), 1);
+    let original0 = w_out(ed.model(), 0);
+    let a = ed.apply(&request()).unwrap();
+    let b = ed
+        .apply(&EditRequest::modify(
+            "{} plays the",
+            "she",
+            "piano",
+            "guitar",
+        ))
+        .unwrap();
+    // At the last layer δ reaches only its own position: the subject ends the prompt.
+    ed.hparams_mut().layer = 1;
+    let c = ed
+        .apply(&EditRequest::insert(
+            "the mother tongue of {}",
+            "his team",
+            "french",
+        ))
+        .unwrap();
+    assert_ne!(w_out(ed.model(), 1), original1);
+    assert_ne!(w_out(ed.model(), 0), original0);
+    // Middle first, then the first, then the last.
+    ed.undo(b.id).unwrap();
+    ed.undo(a.id).unwrap();
+    assert_eq!(w_out(ed.model(), 0), original0, "layer 0 is back exactly");
+    assert_ne!(
+        w_out(ed.model(), 1),
+        original1,
+        "the layer-1 edit is still there"
+    );
+    ed.undo(c.id).unwrap();
+    assert_eq!(w_out(ed.model(), 1), original1);
+    assert!(ed.undo(c.id).is_err(), "an edit cannot be undone twice");
+}
+
+/// A delta saved to a file and applied to a fresh copy of the model gives
+/// the same weights; a delta for another model or a corrupt file is refused.
+#[test]
+fn delta_round_trips_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor("llama", 0, dir.path());
+    let applied = ed.apply(&request()).unwrap();
+    let path = dir.path().join("eiffel.delta.safetensors");
+    applied.delta.save(&path).unwrap();
+    let loaded = Delta::load(&path).unwrap();
+    assert_eq!(loaded.info, applied.delta.info);
+    let mut fresh = editor("llama", 0, dir.path());
+    fresh.apply_delta(&loaded).unwrap();
+    assert_eq!(w_out(fresh.model(), 0), w_out(ed.model(), 0));
+
+    let mut other = editor("qwen2", 0, dir.path());
+    let before = w_out(other.model(), 0);
+    let err = other.apply_delta(&loaded).unwrap_err();
+    assert!(err.to_string().contains("made for model"), "{err}");
+    assert_eq!(w_out(other.model(), 0), before);
+
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        Delta::load(&path).unwrap_err(),
+        Error::Format { .. }
+    ));
+    std::fs::write(&path, b"garbage").unwrap();
+    assert!(matches!(
+        Delta::load(&path).unwrap_err(),
+        Error::Format { .. }
+    ));
+}
+
+/// An exported model reloads with the same logits, for every family, and an
+/// edited one reloads with its edit.
+#[test]
+fn export_round_trips_for_every_family() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral"] {
+        let model = tiny(family);
+        let out = dir.path().join(family);
+        model.export(&out).unwrap();
+        let reloaded = Model::load(out.to_str().unwrap()).unwrap();
+        let batch = model.batch(&[vec![3, 17, 42, 99, 5, 64]]).unwrap();
+        let a = model
+            .forward(&batch, &LogitsAt::All, &Hooks::new())
+            .unwrap()
+            .logits
+            .unwrap();
+        let b = reloaded
+            .forward(&batch, &LogitsAt::All, &Hooks::new())
+            .unwrap()
+            .logits
+            .unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{family}");
+        assert_eq!(reloaded.fingerprint(), model.fingerprint(), "{family}");
+    }
+    let mut ed = editor("llama", 0, dir.path());
+    ed.apply(&request()).unwrap();
+    let out = dir.path().join("edited");
+    ed.model().export(&out).unwrap();
+    let reloaded = Model::load(out.to_str().unwrap()).unwrap();
+    assert_eq!(w_out(&reloaded, 0), w_out(ed.model(), 0));
+    assert_ne!(w_out(&reloaded, 0), w_out(&tiny("llama"), 0));
+}
+
+/// Bad requests and settings fail before any weight changes.
+#[test]
+fn bad_requests_leave_weights_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor("llama", 1, dir.path());
+    let before = w_out(ed.model(), 1);
+    let cases = [
+        EditRequest::modify("no placeholder", "the tower", "paris", "rome"),
+        EditRequest::modify("{} is in", "the tower", "paris", "   "),
+        EditRequest::modify("{} is in", "the tower", "rome", "rome"),
+        EditRequest::modify("{} is in", "", "paris", "rome"),
+    ];
+    for req in &cases {
+        let err = ed.apply(req).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{req:?}: {err}");
+    }
+    ed.hparams_mut().layer = 7;
+    let err = ed.apply(&request()).unwrap_err();
+    assert!(
+        err.to_string().contains("layer 7") || err.to_string().contains("7 is out of range"),
+        "{err}"
+    );
+    assert_eq!(w_out(ed.model(), 1), before);
+    assert_eq!(ed.edits().count(), 0);
+}
+
+/// A diverging optimisation is a typed error, not a corrupted model.
+#[test]
+fn non_finite_loss_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor("llama", 0, dir.path());
+    let before = w_out(ed.model(), 0);
+    ed.hparams_mut().v_lr = 1e38;
+    ed.hparams_mut().clamp_norm_factor = f64::INFINITY;
+    let err = ed.apply(&request()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite(_)), "{err}");
+    assert_eq!(w_out(ed.model(), 0), before);
+}
+
+/// A statistics cache of the wrong shape is detected: read as an error,
+/// recomputed (and rewritten) when used.
+#[test]
+fn bad_statistics_cache_is_detected_and_recomputed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny("llama");
+    let opts = StatsOptions {
+        samples: 40,
+        max_len: 24,
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..StatsOptions::default()
+    };
+    let good = kedit::stats::second_moment(&model, 1, &corpus(), &opts).unwrap();
+    let path = dir.path().join(format!("{}.safetensors", good.key));
+    assert!(path.exists());
+    // E[k kᵀ] is symmetric with a positive diagonal.
+    let m: Vec<Vec<f32>> = good.matrix.to_vec2().unwrap();
+    assert!((0..m.len()).all(|i| m[i][i] > 0.0 && (m[i][3] - m[3][i]).abs() < 1e-6));
+    // Overwrite with a matrix of the wrong shape under the same key.
+    let wrong = Tensor::zeros((3, 3), kedit::DType::F32, &kedit::Device::Cpu).unwrap();
+    let meta = std::collections::HashMap::from([
+        ("key".to_string(), good.key.clone()),
+        ("layer".to_string(), "1".to_string()),
+        ("count".to_string(), "1".to_string()),
+        ("samples".to_string(), "1".to_string()),
+    ]);
+    kedit::io::write_safetensors(&path, &[("mom2", &wrong)], meta).unwrap();
+    let err = kedit::stats::read_cached(&path, &good.key, model.config().d_ff).unwrap_err();
+    assert!(err.to_string().contains("shape"), "{err}");
+    let again = kedit::stats::second_moment(&model, 1, &corpus(), &opts).unwrap();
+    assert_eq!(max_abs_diff(&again.matrix, &good.matrix), 0.0);
+    assert!(kedit::stats::read_cached(&path, &good.key, model.config().d_ff).is_ok());
+}
