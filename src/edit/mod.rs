@@ -140,7 +140,7 @@ impl Editor {
         Self {
             model,
             hparams,
-            corpus: Corpus::SelfSampled { seed: 0 },
+            corpus: Corpus::self_sampled(),
             solvers: HashMap::new(),
             templates: None,
             journal: Vec::new(),

@@ -29,10 +29,14 @@ pub enum Corpus {
         texts: Vec<String>,
     },
     /// Text sampled from the model itself (seeded): for users who give no
-    /// corpus. kedit ships no third-party text.
+    /// corpus (kedit ships no third-party text). Generation is slow on a
+    /// CPU, so this corpus has its own sequence count, used instead of
+    /// [`StatsOptions::samples`].
     SelfSampled {
         /// Seed of the sampler.
         seed: u64,
+        /// Number of sampled sequences (of `max_len` tokens).
+        sequences: usize,
     },
 }
 
@@ -67,7 +71,7 @@ pub struct StatsOptions {
 impl Default for StatsOptions {
     fn default() -> Self {
         Self {
-            samples: 2000,
+            samples: 1000,
             max_len: 128,
             dtype: StatsDType::F32,
             batch_size: 16,
@@ -109,6 +113,19 @@ fn fnv(bytes: &[u8], mut hash: u64) -> u64 {
 const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 impl Corpus {
+    /// The default self-sampled corpus: 64 sequences, seed 0.
+    pub fn self_sampled() -> Self {
+        Corpus::SelfSampled { seed: 0, sequences: 64 }
+    }
+
+    /// Number of sequences this corpus yields for the given options.
+    pub fn sample_count(&self, opts: &StatsOptions) -> usize {
+        match self {
+            Corpus::SelfSampled { sequences, .. } => *sequences,
+            _ => opts.samples,
+        }
+    }
+
     /// A stable short identity of the corpus content, for cache keys.
     pub fn fingerprint(&self) -> Result<String> {
         Ok(match self {
@@ -123,7 +140,7 @@ impl Corpus {
                 }
                 format!("texts{h:016x}")
             }
-            Corpus::SelfSampled { seed } => format!("self{seed}"),
+            Corpus::SelfSampled { seed, sequences } => format!("self{seed}x{sequences}"),
         })
     }
 
@@ -144,7 +161,7 @@ impl Corpus {
         let texts: Vec<String> = match self {
             Corpus::File(path) => read_documents(path, samples)?,
             Corpus::Texts { texts, .. } => texts.clone(),
-            Corpus::SelfSampled { seed } => return self_sampled(model, samples, max_len, *seed),
+            Corpus::SelfSampled { seed, sequences } => return self_sampled(model, *sequences, max_len, *seed),
         };
         let mut seqs = Vec::with_capacity(samples);
         for text in texts.iter().filter(|t| !t.trim().is_empty()) {
@@ -245,11 +262,11 @@ pub fn start_token(model: &Model) -> Result<u32> {
 }
 
 /// The cache key of one layer's statistics.
-fn cache_key(model: &Model, layer: usize, corpus_fp: &str, opts: &StatsOptions) -> String {
+fn cache_key(model: &Model, layer: usize, corpus: &Corpus, corpus_fp: &str, opts: &StatsOptions) -> String {
     format!(
         "{}-l{layer}-{corpus_fp}-n{}-len{}-{:?}",
         model.fingerprint(),
-        opts.samples,
+        corpus.sample_count(opts),
         opts.max_len,
         opts.dtype
     )
@@ -345,7 +362,7 @@ pub fn second_moments(
     let mut found: HashMap<usize, SecondMoment> = HashMap::new();
     let mut missing = Vec::new();
     for &l in layers {
-        let key = cache_key(model, l, &corpus_fp, opts);
+        let key = cache_key(model, l, corpus, &corpus_fp, opts);
         let path = dir.join(format!("{key}.safetensors"));
         if opts.use_cache && path.exists() {
             match read_cached(&path, &key, d_ff) {
@@ -388,7 +405,7 @@ fn compute(
     opts: &StatsOptions,
 ) -> Result<Vec<SecondMoment>> {
     let d_ff = model.config().d_ff;
-    let seqs = corpus.sequences(model, opts.samples, opts.max_len)?;
+    let seqs = corpus.sequences(model, corpus.sample_count(opts), opts.max_len)?;
     let top = *layers.iter().max().expect("at least one layer");
     let bar = ProgressBar::new(seqs.len() as u64);
     bar.set_style(
@@ -444,7 +461,7 @@ fn compute(
                 matrix,
                 count,
                 samples: seqs.len(),
-                key: cache_key(model, layer, corpus_fp, opts),
+                key: cache_key(model, layer, corpus, corpus_fp, opts),
             })
         })
         .collect()
