@@ -124,6 +124,15 @@ fn knows_the_capital_of_france() {
         .target_prob("The capital of France is", " Paris")
         .unwrap();
     assert!((tp.prob() - top[0].prob).abs() < 1e-5);
+    assert_eq!(tp.first_rank, 0);
+    // transformers' top-5 here is Paris, the, London, Le, New.
+    assert_eq!(
+        model
+            .target_prob("The capital of France is", " London")
+            .unwrap()
+            .first_rank,
+        2
+    );
     // A multi-token target: mean NLL over its tokens.
     let tp = model
         .target_prob("The Eiffel Tower is located in", " the city of Paris")

@@ -345,58 +345,38 @@ impl Editor {
         Ok(worst)
     }
 
-    /// Target probabilities of a request on its prompt, paraphrases and neighbours.
+    /// Target probabilities of a request on its prompt, paraphrases and
+    /// neighbours, in batched forward passes.
     pub fn probes(&self, req: &EditRequest) -> Result<Probes> {
-        let pair = |prompt: &str| -> Result<TargetPair> {
-            let new = match &req.target_new {
-                Some(t) => Some(self.model.target_prob(prompt, t)?.prob()),
-                None => None,
-            };
-            let (true_, true_rank) = match &req.target_true {
-                Some(t) => {
-                    let p = self.model.target_prob(prompt, t)?.prob();
-                    let first = self.model.target_ids(t)?[0];
-                    (Some(p), Some(self.rank_of(prompt, first)?))
-                }
-                None => (None, None),
-            };
-            Ok(TargetPair {
-                prompt: prompt.to_string(),
-                new,
-                true_,
-                true_rank,
-            })
+        let mut prompts = vec![req.formatted_prompt()];
+        prompts.extend(req.paraphrases.iter().cloned());
+        prompts.extend(req.neighbours.iter().cloned());
+        let score = |target: &Option<String>| -> Result<Option<Vec<crate::model::TargetProb>>> {
+            let Some(t) = target else { return Ok(None) };
+            let pairs: Vec<(&str, &str)> =
+                prompts.iter().map(|p| (p.as_str(), t.as_str())).collect();
+            let mut out = Vec::with_capacity(pairs.len());
+            for chunk in pairs.chunks(32) {
+                out.extend(self.model.target_probs(chunk)?);
+            }
+            Ok(Some(out))
         };
+        let new = score(&req.target_new)?;
+        let old = score(&req.target_true)?;
+        let mut pairs = prompts.iter().enumerate().map(|(i, p)| TargetPair {
+            prompt: p.clone(),
+            new: new.as_ref().map(|v| v[i].prob()),
+            true_: old.as_ref().map(|v| v[i].prob()),
+            true_rank: old.as_ref().map(|v| v[i].first_rank),
+        });
+        let prompt = pairs.next().expect("the prompt itself");
+        let paraphrases: Vec<TargetPair> = pairs.by_ref().take(req.paraphrases.len()).collect();
+        let neighbours: Vec<TargetPair> = pairs.collect();
         Ok(Probes {
-            prompt: pair(&req.formatted_prompt())?,
-            paraphrases: req
-                .paraphrases
-                .iter()
-                .map(|p| pair(p))
-                .collect::<Result<_>>()?,
-            neighbours: req
-                .neighbours
-                .iter()
-                .map(|p| pair(p))
-                .collect::<Result<_>>()?,
+            prompt,
+            paraphrases,
+            neighbours,
         })
-    }
-
-    fn rank_of(&self, prompt: &str, token: u32) -> Result<usize> {
-        let ids = self.model.prompt_ids(prompt)?;
-        let out = self.model.forward(
-            &self.model.batch(&[ids])?,
-            &crate::model::LogitsAt::Last,
-            &crate::model::Hooks::new(),
-        )?;
-        let logits: Vec<f32> = out
-            .logits
-            .expect("logits")
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let x = logits[token as usize];
-        Ok(logits.iter().filter(|&&y| y > x).count())
     }
 
     /// Applies a delta (computed here or loaded from a file) and journals it.

@@ -19,6 +19,9 @@ pub struct TargetProb {
     pub mean_nll: f32,
     /// Probability of each target token given everything before it.
     pub token_probs: Vec<f32>,
+    /// Rank of the first target token among all next tokens after the
+    /// prompt (0 = the most likely).
+    pub first_rank: usize,
 }
 
 impl TargetProb {
@@ -200,9 +203,12 @@ impl Model {
                     .enumerate()
                     .map(|(i, &id)| logp[first + i][id as usize])
                     .collect();
+                let row = &logp[first];
+                let first_rank = row.iter().filter(|&&x| x > row[tgt[0] as usize]).count();
                 TargetProb {
                     mean_nll: -lp.iter().sum::<f32>() / lp.len() as f32,
                     token_probs: lp.iter().map(|x| x.exp()).collect(),
+                    first_rank,
                 }
             })
             .collect())
