@@ -12,16 +12,24 @@ use kedit::stats::Corpus;
 
 fn rome(c: &mut Criterion) {
     let Some(path) = kedit::fetch::find(&kedit::fetch::SMOLLM2_135M) else {
-        eprintln!("SmolLM2 not in the kedit cache: run `cargo run --release --example fetch_model`");
+        eprintln!(
+            "SmolLM2 not in the kedit cache: run `cargo run --release --example fetch_model`"
+        );
         return;
     };
-    let wiki = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/prose/wikitext-2-raw-test.txt");
+    let wiki = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/prose/wikitext-2-raw-test.txt");
     let model = kedit::Model::load(path.to_str().expect("utf-8 path")).expect("SmolLM2");
     let mut editor = Editor::new(model).with_corpus(Corpus::File(wiki));
     let layer = editor.hparams().layer;
     editor.solver(layer).expect("statistics");
     editor.context_templates().expect("templates");
-    let req = EditRequest::modify("{} is located in the city of", "The Eiffel Tower", "Paris", "Rome");
+    let req = EditRequest::modify(
+        "{} is located in the city of",
+        "The Eiffel Tower",
+        "Paris",
+        "Rome",
+    );
     let mut splits = Vec::new();
     let mut group = c.benchmark_group("rome_smollm2");
     group.sample_size(10);

@@ -115,7 +115,10 @@ const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 impl Corpus {
     /// The default self-sampled corpus: 64 sequences, seed 0.
     pub fn self_sampled() -> Self {
-        Corpus::SelfSampled { seed: 0, sequences: 64 }
+        Corpus::SelfSampled {
+            seed: 0,
+            sequences: 64,
+        }
     }
 
     /// Number of sequences this corpus yields for the given options.
@@ -161,7 +164,9 @@ impl Corpus {
         let texts: Vec<String> = match self {
             Corpus::File(path) => read_documents(path, samples)?,
             Corpus::Texts { texts, .. } => texts.clone(),
-            Corpus::SelfSampled { seed, sequences } => return self_sampled(model, *sequences, max_len, *seed),
+            Corpus::SelfSampled { seed, sequences } => {
+                return self_sampled(model, *sequences, max_len, *seed)
+            }
         };
         let mut seqs = Vec::with_capacity(samples);
         for text in texts.iter().filter(|t| !t.trim().is_empty()) {
@@ -262,7 +267,13 @@ pub fn start_token(model: &Model) -> Result<u32> {
 }
 
 /// The cache key of one layer's statistics.
-fn cache_key(model: &Model, layer: usize, corpus: &Corpus, corpus_fp: &str, opts: &StatsOptions) -> String {
+fn cache_key(
+    model: &Model,
+    layer: usize,
+    corpus: &Corpus,
+    corpus_fp: &str,
+    opts: &StatsOptions,
+) -> String {
     format!(
         "{}-l{layer}-{corpus_fp}-n{}-len{}-{:?}",
         model.fingerprint(),
