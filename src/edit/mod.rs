@@ -115,8 +115,10 @@ pub struct Editor {
     model: Model,
     hparams: RomeHParams,
     corpus: Corpus,
-    solvers: HashMap<usize, Arc<SpdSolver>>,
-    templates: Option<Vec<String>>,
+    /// Factorised statistics per layer, with the options they were made with.
+    solvers: HashMap<usize, (crate::stats::StatsOptions, Arc<SpdSolver>)>,
+    /// Context templates with the (specification, seed) they were sampled with.
+    templates: Option<(Vec<(usize, usize)>, u64, Vec<String>)>,
     journal: Vec<(EditId, Delta)>,
     originals: HashMap<usize, Tensor>,
     next_id: u64,
@@ -199,27 +201,34 @@ impl Editor {
 
     /// The context templates (sampled and cached on first use).
     pub fn context_templates(&mut self) -> Result<&[String]> {
-        if self.templates.is_none() {
-            self.templates = Some(context_templates(
-                &self.model,
-                &self.hparams.context_templates,
-                self.hparams.templates_seed,
-            )?);
+        let (spec, seed) = (&self.hparams.context_templates, self.hparams.templates_seed);
+        let fresh = matches!(&self.templates, Some((s, k, _)) if s == spec && *k == seed);
+        if !fresh {
+            let templates = context_templates(&self.model, spec, seed)?;
+            self.templates = Some((spec.clone(), seed, templates));
         }
-        Ok(self.templates.as_deref().expect("just set"))
+        Ok(self
+            .templates
+            .as_ref()
+            .map(|(_, _, t)| t.as_slice())
+            .unwrap_or_default())
     }
 
-    /// The factorised `C` of a layer (statistics from the cache or computed).
+    /// The factorised `C` of a layer (statistics from the cache or computed),
+    /// kept in memory while the statistics options stay the same.
     pub fn solver(&mut self, layer: usize) -> Result<Arc<SpdSolver>> {
-        if let Some(s) = self.solvers.get(&layer) {
-            return Ok(s.clone());
+        if let Some((opts, s)) = self.solvers.get(&layer) {
+            if *opts == self.hparams.stats {
+                return Ok(s.clone());
+            }
         }
         let stats = second_moment(&self.model, layer, &self.corpus, &self.hparams.stats)?;
         let solver = Arc::new(SpdSolver::new(
             &stats.to_f64_vec()?,
             self.model.config().d_ff,
         )?);
-        self.solvers.insert(layer, solver.clone());
+        self.solvers
+            .insert(layer, (self.hparams.stats.clone(), solver.clone()));
         Ok(solver)
     }
 
