@@ -233,6 +233,15 @@ fn known(model: &Model, args: &Args, n: usize) -> Result<(), Box<dyn std::error:
         agg.add(&r)?;
         traces.push(r);
         pb.inc(1);
+        if pb.is_hidden() && traces.len() % 10 == 0 {
+            // No terminal for the bar (output redirected): a line every 10 facts.
+            eprintln!(
+                "{} / {} facts traced, {:.0} s",
+                traces.len(),
+                facts.len(),
+                start.elapsed().as_secs_f64()
+            );
+        }
     }
     pb.finish_and_clear();
     let total = start.elapsed();
