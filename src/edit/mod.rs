@@ -110,6 +110,9 @@ pub struct Applied {
     pub report: EditReport,
 }
 
+/// Context templates with the (specification, seed) they were sampled with.
+type CachedTemplates = (Vec<(usize, usize)>, u64, Vec<String>);
+
 /// Applies, journals and undoes edits of one model.
 pub struct Editor {
     model: Model,
@@ -118,7 +121,7 @@ pub struct Editor {
     /// Factorised statistics per layer, with the options they were made with.
     solvers: HashMap<usize, (crate::stats::StatsOptions, Arc<SpdSolver>)>,
     /// Context templates with the (specification, seed) they were sampled with.
-    templates: Option<(Vec<(usize, usize)>, u64, Vec<String>)>,
+    templates: Option<CachedTemplates>,
     journal: Vec<(EditId, Delta)>,
     originals: HashMap<usize, Tensor>,
     next_id: u64,
