@@ -16,6 +16,7 @@
 
 pub mod edit;
 mod error;
+pub mod eval;
 pub mod fetch;
 pub mod io;
 pub mod linalg;

@@ -1,0 +1,240 @@
+//! Evaluates an editing method on a slice of a CounterFact, EasyEdit-style
+//! or zsRE file and prints the metric table.
+//!
+//! ```sh
+//! cargo run --release --example counterfact_eval -- --n 10
+//! cargo run --release --example counterfact_eval -- --data ../shared/data/zsre/zsre_eval_portability.json --n 100
+//! ```
+//!
+//! Options (all optional):
+//!
+//! - `--method rome`
+//! - `--data FILE` (default `../shared/data/counterfact/counterfact_preknown.json`)
+//! - `--start I`, `--n N` (default 0 and 10; `--n 0`: to the end)
+//! - `--layer L` (default: the editor's for the model)
+//! - `--mode single|batch|sequential|sequential:EVERY` (default single)
+//! - `--out DIR` (default `target/eval-out/<data>-<method>-<mode>-l<layer>-f<tokens>`)
+//! - `--corpus FILE|self` (key statistics; default the WikiText test file in
+//!   `../shared/data/prose/` when present, else text sampled from the model)
+//! - `--stats-samples N` (default 1000)
+//! - `--fluency-tokens N` (default 100, the published setting; 0: off)
+//! - `--model PATH` (default SmolLM2-135M-Instruct, fetched once)
+//! - `--reuse-deltas DIR` (single mode: apply the per-case deltas an earlier
+//!   run saved in `DIR` instead of editing again, e.g. `OUT/deltas`)
+//! - `--skip-bad` (set malformed records aside instead of failing)
+//! - `--quiet` (no progress)
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kedit::edit::Editor;
+use kedit::eval::{read_cases, read_cases_lenient, run, MeasureOptions, Method, Mode, RunOptions};
+use kedit::stats::Corpus;
+
+const DEFAULT_DATA: &str = "../shared/data/counterfact/counterfact_preknown.json";
+const DEFAULT_CORPUS: &str = "../shared/data/prose/wikitext-2-raw-test.txt";
+
+struct Args {
+    method: Method,
+    data: PathBuf,
+    start: usize,
+    n: usize,
+    layer: Option<usize>,
+    mode: Mode,
+    out: Option<PathBuf>,
+    corpus: Option<String>,
+    stats_samples: usize,
+    fluency_tokens: usize,
+    model: Option<String>,
+    reuse_deltas: Option<PathBuf>,
+    skip_bad: bool,
+    quiet: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        method: Method::Rome,
+        data: PathBuf::from(DEFAULT_DATA),
+        start: 0,
+        n: 10,
+        layer: None,
+        mode: Mode::Single,
+        out: None,
+        corpus: None,
+        stats_samples: 1000,
+        fluency_tokens: 100,
+        model: None,
+        reuse_deltas: None,
+        skip_bad: false,
+        quiet: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--quiet" {
+            a.quiet = true;
+            continue;
+        }
+        if flag == "--skip-bad" {
+            a.skip_bad = true;
+            continue;
+        }
+        if flag == "-h" || flag == "--help" {
+            return Err(String::new());
+        }
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| -> Result<usize, String> {
+            v.parse()
+                .map_err(|_| format!("{flag}: {v:?} is not a non-negative integer"))
+        };
+        match flag.as_str() {
+            "--method" => a.method = value.parse().map_err(|e| format!("{e}"))?,
+            "--data" => a.data = PathBuf::from(value),
+            "--start" => a.start = num(&value)?,
+            "--n" => a.n = num(&value)?,
+            "--layer" => a.layer = Some(num(&value)?),
+            "--mode" => a.mode = value.parse().map_err(|e| format!("{e}"))?,
+            "--out" => a.out = Some(PathBuf::from(value)),
+            "--corpus" => a.corpus = Some(value),
+            "--stats-samples" => a.stats_samples = num(&value)?,
+            "--fluency-tokens" => a.fluency_tokens = num(&value)?,
+            "--model" => a.model = Some(value),
+            "--reuse-deltas" => a.reuse_deltas = Some(PathBuf::from(value)),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("error: {msg}");
+            }
+            eprintln!(
+                "usage: counterfact_eval [--method rome] [--data FILE] [--start I] [--n N] [--layer L] \
+                 [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
+                 [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = main_with(args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let wall = Instant::now();
+    let cases = if args.skip_bad {
+        let (good, bad) = read_cases_lenient(&args.data)?;
+        for e in &bad {
+            eprintln!("skipped: {e}");
+        }
+        good
+    } else {
+        read_cases(&args.data)?
+    };
+    let end = if args.n == 0 {
+        cases.len()
+    } else {
+        (args.start + args.n).min(cases.len())
+    };
+    if args.start >= end {
+        return Err(format!(
+            "--start {} --n {} selects no record of {} ({} records)",
+            args.start,
+            args.n,
+            args.data.display(),
+            cases.len()
+        )
+        .into());
+    }
+    let slice = &cases[args.start..end];
+
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => kedit::fetch::ensure(&kedit::fetch::SMOLLM2_135M)?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let t = Instant::now();
+    let model = kedit::Model::load(&model_path)?;
+    eprintln!(
+        "model {model_path} loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let corpus = match args.corpus.as_deref() {
+        Some("self") => Corpus::self_sampled(),
+        Some(p) => Corpus::File(PathBuf::from(p)),
+        None if Path::new(DEFAULT_CORPUS).is_file() => Corpus::File(PathBuf::from(DEFAULT_CORPUS)),
+        None => Corpus::self_sampled(),
+    };
+    let corpus_name = match &corpus {
+        Corpus::File(p) => p.display().to_string(),
+        _ => "self-sampled (seed 0)".to_string(),
+    };
+    let mut editor = Editor::new(model).with_corpus(corpus);
+    if let Some(l) = args.layer {
+        editor.hparams_mut().layer = l;
+    }
+    editor.hparams_mut().stats.samples = args.stats_samples;
+    let layer = editor.hparams().layer;
+
+    let mode_name = match args.mode {
+        Mode::Single => "single".to_string(),
+        Mode::Batch => "batch".to_string(),
+        Mode::Sequential { every } => format!("seq{every}"),
+    };
+    let stem = args
+        .data
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("target/eval-out").join(format!(
+            "{stem}-{}-{mode_name}-l{layer}-f{}",
+            args.method.name(),
+            args.fluency_tokens
+        ))
+    });
+    eprintln!(
+        "{} records {}..{} of {} ({} schema), method {}, mode {mode_name}, layer {layer}, \
+         corpus {corpus_name} ({} samples), fluency {} tokens → {}",
+        slice.len(),
+        args.start,
+        end,
+        args.data.display(),
+        serde_json::to_string(&slice[0].schema)?.trim_matches('"'),
+        args.method.name(),
+        args.stats_samples,
+        args.fluency_tokens,
+        out.display()
+    );
+    let opts = RunOptions {
+        method: args.method,
+        mode: args.mode,
+        out_dir: out.clone(),
+        measure: MeasureOptions {
+            fluency_tokens: args.fluency_tokens,
+            ..MeasureOptions::default()
+        },
+        description: serde_json::json!({
+            "data": args.data.display().to_string(),
+            "corpus": corpus_name,
+        }),
+        progress: !args.quiet,
+        reuse_deltas: args.reuse_deltas.clone(),
+    };
+    let report = run(&mut editor, slice, &opts)?;
+    println!("{}", report.markdown());
+    println!(
+        "wall time of this invocation: {:.0} s; files in {}",
+        wall.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
