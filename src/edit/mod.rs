@@ -13,8 +13,10 @@
 //! # Ok::<(), kedit::Error>(())
 //! ```
 
+pub mod alphaedit;
 mod delta;
 mod hparams;
+pub mod memit;
 mod request;
 pub mod rome;
 mod templates;
@@ -26,8 +28,10 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use alphaedit::{AlphaEditHParams, NullSpace, NullSpaceThreshold};
 pub use delta::{Delta, DeltaInfo, LayerDelta};
 pub use hparams::RomeHParams;
+pub use memit::{BatchApplied, BatchMethod, BatchReport, BatchTimings, LayerReport, MemitHParams};
 pub use request::{with_leading_space, EditKind, EditRequest};
 pub use templates::context_templates;
 
@@ -125,6 +129,12 @@ pub struct Editor {
     journal: Vec<(EditId, Delta)>,
     originals: HashMap<usize, Tensor>,
     next_id: u64,
+    /// MEMIT's window and λ.
+    memit: MemitHParams,
+    /// AlphaEdit's window, threshold and ridge.
+    alphaedit: AlphaEditHParams,
+    /// Null spaces of the key statistics per layer (AlphaEdit).
+    null_spaces: alphaedit::NullSpaceCache,
 }
 
 impl std::fmt::Debug for Editor {
@@ -142,6 +152,8 @@ impl Editor {
     /// corpus sampled from the model itself (see [`Editor::with_corpus`]).
     pub fn new(model: Model) -> Self {
         let hparams = RomeHParams::for_model(model.config());
+        let memit = MemitHParams::for_model(model.config());
+        let alphaedit = AlphaEditHParams::for_model(model.config());
         Self {
             model,
             hparams,
@@ -151,6 +163,9 @@ impl Editor {
             journal: Vec::new(),
             originals: HashMap::new(),
             next_id: 0,
+            memit,
+            alphaedit,
+            null_spaces: HashMap::new(),
         }
     }
 

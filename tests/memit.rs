@@ -1,0 +1,404 @@
+//! MEMIT and AlphaEdit on tiny fixtures: the multi-layer solve, the
+//! null-space projector, the journal (bit-exact undo, earlier AlphaEdit
+//! keys), delta files and bad input (typed errors, weights untouched).
+
+mod common;
+
+use common::*;
+use kedit::edit::{
+    rome, BatchMethod, Delta, EditRequest, Editor, NullSpace, NullSpaceThreshold, RomeHParams,
+};
+use kedit::stats::{Corpus, StatsOptions};
+use kedit::{At, DType, Error, Hooks, Model, Site, Tensor};
+
+fn corpus() -> Corpus {
+    let words = "the capital of france is paris and the capital of italy is rome . the tower is located in the city of paris \
+                 she plays the piano and he plays the guitar . the mother tongue of his team is english";
+    let texts: Vec<String> = (0..40)
+        .map(|i| {
+            let w: Vec<&str> = words.split(' ').collect();
+            let start = (i * 7) % w.len();
+            w.iter()
+                .cycle()
+                .skip(start)
+                .take(12 + i % 9)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    Corpus::Texts {
+        name: "tiny-test".into(),
+        texts,
+    }
+}
+
+/// A few short texts: fewer key vectors than `d_ff` (96), so `C` is
+/// singular and its null space is large.
+fn small_corpus() -> Corpus {
+    Corpus::Texts {
+        name: "tiny-small".into(),
+        texts: vec![
+            "the capital of france is paris".into(),
+            "she plays the piano".into(),
+            "the tower is located in the city of paris".into(),
+        ],
+    }
+}
+
+fn stats(dir: &std::path::Path) -> StatsOptions {
+    StatsOptions {
+        samples: 40,
+        max_len: 24,
+        cache_dir: Some(dir.to_path_buf()),
+        ..StatsOptions::default()
+    }
+}
+
+fn editor(layers: &[usize], dir: &std::path::Path) -> Editor {
+    let model = tiny("llama");
+    let mut hp = RomeHParams::for_model(model.config());
+    hp.v_steps = 12;
+    hp.context_templates = vec![(3, 2), (5, 2)];
+    hp.stats = stats(dir);
+    let mut ed = Editor::new(model).with_hparams(hp).with_corpus(corpus());
+    {
+        // The template cache file is written atomically per process, not
+        // per thread: the first sampling of the templates is serialised.
+        static TEMPLATES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = TEMPLATES.lock().unwrap_or_else(|e| e.into_inner());
+        ed.context_templates().unwrap();
+    }
+    ed.memit_hparams_mut().layers = layers.to_vec();
+    ed.alphaedit_hparams_mut().layers = layers.to_vec();
+    ed
+}
+
+/// Subjects end their prompts: the fixtures have two layers, and δ at the
+/// last layer reaches no later position.
+fn requests() -> Vec<EditRequest> {
+    vec![
+        EditRequest::modify("the capital of {}", "france", "paris", "rome"),
+        EditRequest::insert("the mother tongue of {}", "his team", "french"),
+        EditRequest::erase("the tower is located in {}", "the city of", "paris"),
+    ]
+}
+
+fn w_out(model: &Model, layer: usize) -> Vec<Vec<f32>> {
+    model.weights().blocks[layer]
+        .mlp
+        .w_out
+        .weight
+        .to_vec2()
+        .unwrap()
+}
+
+fn norm(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    norm(&(got - want).unwrap()) / norm(want)
+}
+
+/// One layer, one request, λ → 0: the update maps the key onto its target
+/// `W k + δ` (δ recomputed independently with ROME's optimiser).
+#[test]
+fn single_layer_memit_reproduces_its_target_as_lambda_goes_to_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    for layer in [0, 1] {
+        let mut ed = editor(&[layer], dir.path());
+        ed.memit_hparams_mut().mom2_update_weight = 0.0;
+        let before = ed.model().weights().blocks[layer].mlp.w_out.weight.clone();
+        let req = requests().remove(0);
+        let done = ed
+            .apply_batch(BatchMethod::Memit, std::slice::from_ref(&req))
+            .unwrap();
+        let l = &done.delta.layers[0];
+        assert_eq!(l.layer, layer);
+        assert_eq!(l.left.dims(), &[64, 1]);
+        assert_eq!(l.right.dims(), &[96, 1]);
+        let w = &ed.model().weights().blocks[layer].mlp.w_out.weight;
+        let err = relative_error(&w.matmul(&l.keys).unwrap(), &l.values);
+        assert!(err <= 1e-4, "layer {layer}: ‖W'k − v‖/‖v‖ = {err}");
+        assert!(done.report.rewrite_error <= 1e-4);
+        assert!(
+            (done.report.layers[0].written - 1.0).abs() < 1e-4,
+            "{:#?}",
+            done.report
+        );
+
+        // The target at the key is W k + δ, with δ from ROME's optimiser at this layer.
+        let mut hp = ed.hparams().clone();
+        hp.layer = layer;
+        let templates = ed.context_templates().unwrap().to_vec();
+        let kv = rome::key_and_delta(&tiny("llama"), &req, &templates, &hp).unwrap();
+        let target = (before.matmul(&l.keys).unwrap().squeeze(1).unwrap() + &kv.delta).unwrap();
+        let err = relative_error(&l.values.squeeze(1).unwrap(), &target);
+        assert!(err <= 1e-4, "layer {layer}: value vs W k + δ: {err}");
+        let err = relative_error(&l.keys.squeeze(1).unwrap(), &kv.key);
+        assert!(err <= 1e-5, "layer {layer}: key vs ROME's k*: {err}");
+    }
+}
+
+/// With λ > 0 a batch over two layers writes part of each target; undoing
+/// it (between ROME edits) restores the weights bit for bit.
+#[test]
+fn batch_deltas_undo_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    // The random fixture's key statistics have no small eigenvalues: take
+    // the lower part of the spectrum as the "null space".
+    ed.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Relative(0.3);
+    let original = [w_out(ed.model(), 0), w_out(ed.model(), 1)];
+    ed.hparams_mut().layer = 1;
+    let rome_edit = ed
+        .apply(&EditRequest::modify(
+            "she plays the {}",
+            "piano",
+            "and",
+            "guitar",
+        ))
+        .unwrap();
+    let after_rome = [w_out(ed.model(), 0), w_out(ed.model(), 1)];
+    for method in [BatchMethod::Memit, BatchMethod::AlphaEdit] {
+        let done = ed.apply_batch(method, &requests()).unwrap();
+        assert_eq!(done.delta.info.method, method.name());
+        assert_eq!(done.delta.info.layers, vec![0, 1]);
+        assert_eq!(done.delta.info.requests, requests());
+        for l in &done.delta.layers {
+            assert_eq!(l.left.dims(), &[64, 3]);
+            assert_eq!(l.right.dims(), &[96, 3]);
+            assert_eq!(l.keys.dims(), &[96, 3]);
+        }
+        let r = &done.report;
+        assert_eq!(r.losses.len(), 3);
+        assert!(r.delta_norm > 0.0 && r.target_norm > 0.0, "{r:#?}");
+        assert!(
+            r.remaining < 1.0,
+            "{method:?}: part of the targets was written: {r:?}"
+        );
+        assert_ne!(w_out(ed.model(), 0), after_rome[0]);
+        ed.undo(done.id).unwrap();
+        assert_eq!(w_out(ed.model(), 0), after_rome[0], "{method:?}");
+        assert_eq!(w_out(ed.model(), 1), after_rome[1], "{method:?}");
+    }
+    // Batch, then undo the ROME edit under it, then the batch.
+    let done = ed.apply_batch(BatchMethod::Memit, &requests()).unwrap();
+    ed.undo(rome_edit.id).unwrap();
+    ed.undo(done.id).unwrap();
+    assert_eq!(w_out(ed.model(), 0), original[0]);
+    assert_eq!(w_out(ed.model(), 1), original[1]);
+    assert_eq!(ed.edits().count(), 0);
+}
+
+/// A MEMIT delta saved and loaded applies to a fresh model with the same
+/// result; the file keeps method, requests and hyper-parameters.
+#[test]
+fn memit_delta_round_trips_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    let done = ed.apply_batch(BatchMethod::Memit, &requests()).unwrap();
+    let path = dir.path().join("batch.delta.safetensors");
+    done.delta.save(&path).unwrap();
+    let loaded = Delta::load(&path).unwrap();
+    assert_eq!(loaded.info, done.delta.info);
+    assert_eq!(loaded.info.method, "memit");
+    assert!(loaded.info.hparams["method"]["mom2_update_weight"].is_number());
+    let mut fresh = editor(&[0, 1], dir.path());
+    fresh.apply_delta(&loaded).unwrap();
+    for layer in [0, 1] {
+        assert_eq!(w_out(fresh.model(), layer), w_out(ed.model(), layer));
+    }
+    assert!(fresh.rewrite_error(&loaded).unwrap() < 1.0);
+}
+
+/// Deterministic pseudo-random numbers in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn l2(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// `‖P k₀‖ ≤ 1e-3 ‖k₀‖` for the keys `C` was built from, while other
+/// vectors keep most of their length.
+#[test]
+fn projector_annihilates_the_keys_it_was_built_from() {
+    let d = 40;
+    let keys: Vec<Vec<f64>> = (0..5).map(|i| noise(d, i)).collect();
+    let mut c = vec![0.0; d * d];
+    for k in &keys {
+        for i in 0..d {
+            for j in 0..d {
+                c[i * d + j] += k[i] * k[j] / keys.len() as f64;
+            }
+        }
+    }
+    let ns = NullSpace::from_second_moment(&c, d, NullSpaceThreshold::Relative(1e-8)).unwrap();
+    assert_eq!(ns.dim(), d - 5);
+    for k in &keys {
+        let pk = ns.project(k).unwrap();
+        assert!(l2(&pk) <= 1e-3 * l2(k), "{} vs {}", l2(&pk), l2(k));
+    }
+    let v = noise(d, 99);
+    assert!(l2(&ns.project(&v).unwrap()) > 0.5 * l2(&v));
+    assert!(ns.project(&v[..3]).is_err());
+}
+
+/// The same on the model: the null space of a layer's statistics (from a
+/// corpus of fewer key vectors than `d_ff`) annihilates those keys.
+#[test]
+fn editor_null_space_annihilates_corpus_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0], dir.path()).with_corpus(small_corpus());
+    ed.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Relative(1e-7);
+    let ns = ed.null_space(0).unwrap();
+    let opts = stats(dir.path());
+    let seqs = small_corpus()
+        .sequences(ed.model(), opts.samples, opts.max_len)
+        .unwrap();
+    let n_keys: usize = seqs.iter().map(Vec::len).sum();
+    assert!(n_keys < 96);
+    assert!(
+        ns.dim() >= 96 - n_keys,
+        "dim {} with {n_keys} keys",
+        ns.dim()
+    );
+    for s in &seqs {
+        let batch = ed.model().batch(std::slice::from_ref(s)).unwrap();
+        let mut hooks = Hooks::new();
+        let id = hooks.capture(Site::MlpKey(0), At::row(0, s.len()));
+        let out = ed.model().forward_until(&batch, 0, &hooks).unwrap();
+        let keys: Vec<Vec<f64>> = out
+            .capture(id)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for k in &keys {
+            let pk = ns.project(k).unwrap();
+            assert!(l2(&pk) <= 1e-3 * l2(k), "{} vs {}", l2(&pk), l2(k));
+        }
+    }
+    // Read back from the disk cache by a new editor: the same basis.
+    let mut again = editor(&[0], dir.path()).with_corpus(small_corpus());
+    again.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Relative(1e-7);
+    let cached = again.null_space(0).unwrap();
+    assert_eq!(cached.dim(), ns.dim());
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("-null-")));
+}
+
+/// A second AlphaEdit batch leaves the first batch's keys (and the corpus
+/// keys) where they were; undoing the first batch drops its keys.
+#[test]
+fn alphaedit_preserves_earlier_edits_and_undo_forgets_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[1], dir.path()).with_corpus(small_corpus());
+    ed.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Relative(1e-7);
+    ed.alphaedit_hparams_mut().l2 = 1e-6;
+    let reqs = requests();
+    let first = ed.apply_batch(BatchMethod::AlphaEdit, &reqs[..2]).unwrap();
+    let second_req = EditRequest::modify("the capital of {}", "italy", "rome", "paris");
+    let second = ed
+        .apply_batch(BatchMethod::AlphaEdit, std::slice::from_ref(&second_req))
+        .unwrap();
+    let dw = second.delta.layers[0].dense().unwrap();
+    let k_first = &first.delta.layers[0].keys;
+    let moved = norm(&dw.matmul(k_first).unwrap());
+    let scale = norm(&dw) * norm(k_first);
+    assert!(moved <= 1e-3 * scale, "ΔW₂ K₁: {moved} vs {scale}");
+    // The second edit itself was written.
+    let own = norm(&dw.matmul(&second.delta.layers[0].keys).unwrap());
+    assert!(own > 1e-2 * norm(&dw) * norm(&second.delta.layers[0].keys));
+
+    // Without the first batch the second one is what a fresh editor computes.
+    ed.undo(second.id).unwrap();
+    ed.undo(first.id).unwrap();
+    let (again, _) = ed
+        .compute_batch(BatchMethod::AlphaEdit, std::slice::from_ref(&second_req))
+        .unwrap();
+    let mut fresh = editor(&[1], dir.path()).with_corpus(small_corpus());
+    fresh.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Relative(1e-7);
+    fresh.alphaedit_hparams_mut().l2 = 1e-6;
+    let (alone, _) = fresh
+        .compute_batch(BatchMethod::AlphaEdit, std::slice::from_ref(&second_req))
+        .unwrap();
+    let (a, b) = (
+        again.layers[0].dense().unwrap(),
+        alone.layers[0].dense().unwrap(),
+    );
+    assert!(relative_error(&a, &b) < 1e-5);
+    assert!(
+        relative_error(&dw, &b) > 1e-3,
+        "the first batch's keys mattered"
+    );
+}
+
+/// Bad batches and settings are typed errors; nothing is applied.
+#[test]
+fn bad_batches_are_typed_errors_and_leave_weights_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    let before = [w_out(ed.model(), 0), w_out(ed.model(), 1)];
+    let invalid = |r: Result<kedit::edit::BatchApplied, Error>| match r {
+        Err(e @ Error::InvalidInput { .. }) => e.to_string(),
+        other => panic!("expected InvalidInput, got {:?}", other.map(|a| a.report)),
+    };
+    for method in [BatchMethod::Memit, BatchMethod::AlphaEdit] {
+        assert!(invalid(ed.apply_batch(method, &[])).contains("no request"));
+        let mut reqs = requests();
+        reqs[1] = EditRequest::modify("no placeholder", "x", "a", "b");
+        assert!(invalid(ed.apply_batch(method, &reqs)).contains("request 1"));
+    }
+    ed.memit_hparams_mut().layers = vec![0, 7];
+    assert!(invalid(ed.apply_batch(BatchMethod::Memit, &requests())).contains("7 is out of range"));
+    ed.memit_hparams_mut().layers = vec![1, 1];
+    assert!(invalid(ed.apply_batch(BatchMethod::Memit, &requests())).contains("twice"));
+    ed.memit_hparams_mut().layers = vec![];
+    assert!(invalid(ed.apply_batch(BatchMethod::Memit, &requests())).contains("empty"));
+    ed.memit_hparams_mut().layers = vec![0, 1];
+    ed.memit_hparams_mut().mom2_update_weight = f64::NAN;
+    invalid(ed.apply_batch(BatchMethod::Memit, &requests()));
+    ed.memit_hparams_mut().mom2_update_weight = 1.0;
+    ed.alphaedit_hparams_mut().l2 = -1.0;
+    invalid(ed.apply_batch(BatchMethod::AlphaEdit, &requests()));
+    ed.alphaedit_hparams_mut().l2 = 10.0;
+    ed.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Absolute(0.0);
+    invalid(ed.apply_batch(BatchMethod::AlphaEdit, &requests()));
+    // A threshold below every eigenvalue: an empty null space, no edit possible.
+    ed.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Absolute(1e-300);
+    assert!(invalid(ed.apply_batch(BatchMethod::AlphaEdit, &requests())).contains("null space"));
+    assert!(ed.null_space(5).is_err());
+    // A diverging optimisation.
+    ed.hparams_mut().v_lr = 1e38;
+    ed.hparams_mut().clamp_norm_factor = f64::INFINITY;
+    let err = ed.apply_batch(BatchMethod::Memit, &requests()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite(_)), "{err}");
+
+    assert_eq!(w_out(ed.model(), 0), before[0]);
+    assert_eq!(w_out(ed.model(), 1), before[1]);
+    assert_eq!(ed.edits().count(), 0);
+}
