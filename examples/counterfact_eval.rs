@@ -8,10 +8,14 @@
 //!
 //! Options (all optional):
 //!
-//! - `--method rome`
+//! - `--method rome|memit|alphaedit` (MEMIT and AlphaEdit: one joint update
+//!   per batch: all cases in `batch` mode, `EVERY` cases per batch in
+//!   `sequential:EVERY` mode)
 //! - `--data FILE` (default `../shared/data/counterfact/counterfact_preknown.json`)
 //! - `--start I`, `--n N` (default 0 and 10; `--n 0`: to the end)
-//! - `--layer L` (default: the editor's for the model)
+//! - `--layer L` (ROME; default: the editor's for the model)
+//! - `--layers L1,L2,…` (MEMIT / AlphaEdit window; default: the editor's)
+//! - `--lambda X` (MEMIT's `mom2_update_weight`; default: the editor's)
 //! - `--mode single|batch|sequential|sequential:EVERY` (default single)
 //! - `--out DIR` (default `target/eval-out/<data>-<method>-<mode>-l<layer>-f<tokens>`)
 //! - `--corpus FILE|self` (key statistics; default the WikiText test file in
@@ -40,6 +44,8 @@ struct Args {
     start: usize,
     n: usize,
     layer: Option<usize>,
+    layers: Option<Vec<usize>>,
+    lambda: Option<f64>,
     mode: Mode,
     out: Option<PathBuf>,
     corpus: Option<String>,
@@ -58,6 +64,8 @@ fn parse_args() -> Result<Args, String> {
         start: 0,
         n: 10,
         layer: None,
+        layers: None,
+        lambda: None,
         mode: Mode::Single,
         out: None,
         corpus: None,
@@ -92,6 +100,21 @@ fn parse_args() -> Result<Args, String> {
             "--start" => a.start = num(&value)?,
             "--n" => a.n = num(&value)?,
             "--layer" => a.layer = Some(num(&value)?),
+            "--layers" => {
+                a.layers = Some(
+                    value
+                        .split(',')
+                        .map(|v| num(v.trim()))
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            }
+            "--lambda" => {
+                a.lambda = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("--lambda: {value:?} is not a number"))?,
+                )
+            }
             "--mode" => a.mode = value.parse().map_err(|e| format!("{e}"))?,
             "--out" => a.out = Some(PathBuf::from(value)),
             "--corpus" => a.corpus = Some(value),
@@ -113,7 +136,7 @@ fn main() {
                 eprintln!("error: {msg}");
             }
             eprintln!(
-                "usage: counterfact_eval [--method rome] [--data FILE] [--start I] [--n N] [--layer L] \
+                "usage: counterfact_eval [--method rome|memit|alphaedit] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
                  [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
                  [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]"
             );
@@ -181,8 +204,25 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(l) = args.layer {
         editor.hparams_mut().layer = l;
     }
+    if let Some(layers) = &args.layers {
+        editor.memit_hparams_mut().layers = layers.clone();
+        editor.alphaedit_hparams_mut().layers = layers.clone();
+    }
+    if let Some(lambda) = args.lambda {
+        editor.memit_hparams_mut().mom2_update_weight = lambda;
+    }
     editor.hparams_mut().stats.samples = args.stats_samples;
     let layer = editor.hparams().layer;
+    // Names the edited layers in the output directory and the log.
+    let layer_tag = match args.method {
+        Method::Rome => format!("l{layer}"),
+        Method::Memit => format!(
+            "l{}-lambda{}",
+            join(&editor.memit_hparams().layers),
+            editor.memit_hparams().mom2_update_weight
+        ),
+        Method::AlphaEdit => format!("l{}", join(&editor.alphaedit_hparams().layers)),
+    };
 
     let mode_name = match args.mode {
         Mode::Single => "single".to_string(),
@@ -196,13 +236,13 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "data".into());
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("target/eval-out").join(format!(
-            "{stem}-{}-{mode_name}-l{layer}-f{}",
+            "{stem}-{}-{mode_name}-{layer_tag}-f{}",
             args.method.name(),
             args.fluency_tokens
         ))
     });
     eprintln!(
-        "{} records {}..{} of {} ({} schema), method {}, mode {mode_name}, layer {layer}, \
+        "{} records {}..{} of {} ({} schema), method {}, mode {mode_name}, layers {layer_tag}, \
          corpus {corpus_name} ({} samples), fluency {} tokens → {}",
         slice.len(),
         args.start,
@@ -214,6 +254,20 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.fluency_tokens,
         out.display()
     );
+    let mut description = serde_json::json!({
+        "data": args.data.display().to_string(),
+        "corpus": corpus_name,
+    });
+    // Batch methods' settings identify the run too (ROME's description is
+    // left as it was, so that earlier ROME runs still resume).
+    let method_hparams = match args.method {
+        Method::Rome => None,
+        Method::Memit => Some(serde_json::to_value(editor.memit_hparams())?),
+        Method::AlphaEdit => Some(serde_json::to_value(editor.alphaedit_hparams())?),
+    };
+    if let Some(h) = method_hparams {
+        description["method_hparams"] = h;
+    }
     let opts = RunOptions {
         method: args.method,
         mode: args.mode,
@@ -222,10 +276,7 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             fluency_tokens: args.fluency_tokens,
             ..MeasureOptions::default()
         },
-        description: serde_json::json!({
-            "data": args.data.display().to_string(),
-            "corpus": corpus_name,
-        }),
+        description,
         progress: !args.quiet,
         reuse_deltas: args.reuse_deltas.clone(),
     };
@@ -237,4 +288,13 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         out.display()
     );
     Ok(())
+}
+
+/// `1-2-3` for a list of layers.
+fn join(layers: &[usize]) -> String {
+    layers
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("-")
 }

@@ -402,3 +402,77 @@ fn bad_batches_are_typed_errors_and_leave_weights_untouched() {
     assert_eq!(w_out(ed.model(), 1), before[1]);
     assert_eq!(ed.edits().count(), 0);
 }
+
+fn cases() -> Vec<kedit::eval::Case> {
+    let rec = |id: u64, subject: &str, new: &str, old: &str| {
+        format!(
+            r#"{{"case_id": {id}, "requested_rewrite": {{"prompt": "the capital of {{}}", "subject": "{subject}",
+                "target_new": {{"str": "{new}"}}, "target_true": {{"str": "{old}"}}}},
+               "paraphrase_prompts": ["what is the capital of {subject}"],
+               "neighborhood_prompts": ["the tower is in the city of"],
+               "generation_prompts": ["{subject} is"]}}"#
+        )
+    };
+    let text = format!(
+        "[{}, {}, {}]",
+        rec(7, "france", "rome", "paris"),
+        rec(8, "italy", "paris", "rome"),
+        rec(9, "the tower", "italy", "france")
+    );
+    kedit::eval::parse_cases(&text, std::path::Path::new("tiny.json"), None).unwrap()
+}
+
+/// The evaluation runner takes MEMIT and AlphaEdit: one joint update per
+/// batch (all cases in batch mode, `every` cases in sequential mode), and
+/// a rerun replays the saved batch deltas.
+#[test]
+fn runner_edits_in_batches_with_memit_and_alphaedit() {
+    use kedit::eval::{MeasureOptions, Method, Mode, RunOptions};
+    assert_eq!("memit".parse::<Method>().unwrap(), Method::Memit);
+    assert_eq!("AlphaEdit".parse::<Method>().unwrap(), Method::AlphaEdit);
+    assert_eq!(Method::Memit.max_batch(), usize::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |out: &std::path::Path, method: Method, mode: Mode| RunOptions {
+        method,
+        mode,
+        measure: MeasureOptions {
+            fluency_tokens: 4,
+            chunk: 5,
+        },
+        progress: false,
+        ..RunOptions::new(out)
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    let o = opts(out.path(), Method::Memit, Mode::Sequential { every: 2 });
+    let report = kedit::eval::run(&mut ed, &cases(), &o).unwrap();
+    assert_eq!(report.summary.n, 3);
+    assert_eq!(report.failed, 0);
+    let batches: Vec<Vec<usize>> = ed
+        .edits()
+        .map(|(_, d)| vec![d.info.requests.len(), d.layers.len()])
+        .collect();
+    assert_eq!(batches, [[2, 2], [1, 2]]);
+    let weights = w_out(ed.model(), 0);
+    let lines = std::fs::read_to_string(out.path().join("cases.jsonl")).unwrap();
+    assert!(lines
+        .lines()
+        .all(|l| l.contains("\"delta_norm\"") && !l.contains("\"edit\":null")));
+    let mut fresh = editor(&[0, 1], dir.path());
+    let again = kedit::eval::run(&mut fresh, &cases(), &o).unwrap();
+    assert_eq!(again.summary, report.summary);
+    assert_eq!(w_out(fresh.model(), 0), weights);
+
+    let out = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    ed.alphaedit_hparams_mut().nullspace_threshold = NullSpaceThreshold::Relative(0.3);
+    let report = kedit::eval::run(
+        &mut ed,
+        &cases(),
+        &opts(out.path(), Method::AlphaEdit, Mode::Batch),
+    )
+    .unwrap();
+    assert_eq!(report.checkpoints.len(), 1);
+    assert_eq!(ed.edits().count(), 1);
+    assert_eq!(ed.edits().next().unwrap().1.info.method, "alphaedit");
+}

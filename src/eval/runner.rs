@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::data::Case;
 use super::measure::{measure, CaseMetrics, MeasureOptions};
 use super::metrics;
-use crate::edit::{Delta, EditId, EditRequest, Editor};
+use crate::edit::{BatchMethod, Delta, EditId, EditRequest, Editor};
 use crate::{Error, Result};
 
 /// An editing method the runner can evaluate.
@@ -36,6 +36,13 @@ use crate::{Error, Result};
 pub enum Method {
     /// ROME: one rank-one update per request, at the editor's layer.
     Rome,
+    /// MEMIT: one joint update of all requests of a call over the editor's
+    /// MEMIT window ([`Editor::memit_hparams`]).
+    Memit,
+    /// AlphaEdit: like MEMIT, confined to the null space of the key
+    /// statistics and preserving the keys of earlier AlphaEdit edits.
+    #[serde(rename = "alphaedit")]
+    AlphaEdit,
 }
 
 impl Method {
@@ -43,14 +50,28 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Rome => "rome",
+            Method::Memit => "memit",
+            Method::AlphaEdit => "alphaedit",
+        }
+    }
+
+    /// The editor's batch method behind this one (`None` for ROME).
+    pub fn batch_method(self) -> Option<BatchMethod> {
+        match self {
+            Method::Rome => None,
+            Method::Memit => Some(BatchMethod::Memit),
+            Method::AlphaEdit => Some(BatchMethod::AlphaEdit),
         }
     }
 
     /// How many requests one call of [`Method::apply`] can take as one
-    /// joint update (ROME edits one fact at a time).
+    /// joint update (ROME edits one fact at a time; MEMIT and AlphaEdit
+    /// take everything up to the next checkpoint: in batch mode all cases
+    /// at once, in sequential mode batches of `every`).
     pub fn max_batch(self) -> usize {
         match self {
             Method::Rome => 1,
+            Method::Memit | Method::AlphaEdit => usize::MAX,
         }
     }
 
@@ -58,6 +79,8 @@ impl Method {
     /// be undone), returning one entry per applied delta.
     pub fn apply(self, editor: &mut Editor, requests: &[EditRequest]) -> Result<Vec<AppliedEdit>> {
         match self {
+            Method::Memit => apply_batch_method(editor, BatchMethod::Memit, requests),
+            Method::AlphaEdit => apply_batch_method(editor, BatchMethod::AlphaEdit, requests),
             Method::Rome => {
                 let mut out = Vec::with_capacity(requests.len());
                 for req in requests {
@@ -92,15 +115,47 @@ impl Method {
     }
 }
 
+/// One joint update of all requests by a batch method: one delta (undone
+/// as a whole) whose stats stand for every case of the batch.
+fn apply_batch_method(
+    editor: &mut Editor,
+    method: BatchMethod,
+    requests: &[EditRequest],
+) -> Result<Vec<AppliedEdit>> {
+    let t = Instant::now();
+    let done = editor.apply_batch(method, requests)?;
+    let finals: Vec<f32> = done
+        .report
+        .losses
+        .iter()
+        .filter_map(|l| l.last().copied())
+        .collect();
+    let stats = EditStats {
+        seconds: t.elapsed().as_secs_f64(),
+        delta_norm: done.report.delta_norm,
+        rewrite_error: done.report.rewrite_error,
+        final_loss: (!finals.is_empty()).then(|| finals.iter().sum::<f32>() / finals.len() as f32),
+        steps: done.report.losses.iter().map(Vec::len).max().unwrap_or(0),
+        reused: false,
+    };
+    Ok(vec![AppliedEdit {
+        id: done.id,
+        delta: done.delta,
+        stats,
+    }])
+}
+
 impl FromStr for Method {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "rome" => Ok(Method::Rome),
+            "memit" => Ok(Method::Memit),
+            "alphaedit" => Ok(Method::AlphaEdit),
             _ => Err(Error::invalid(
                 "method",
-                format!("{s:?} is not a method kedit evaluates (known: rome)"),
+                format!("{s:?} is not a method kedit evaluates (known: rome, memit, alphaedit)"),
             )),
         }
     }
@@ -117,7 +172,9 @@ pub struct AppliedEdit {
     pub stats: EditStats,
 }
 
-/// Cost and diagnostics of one applied delta.
+/// Cost and diagnostics of one applied delta. A batch method's one delta
+/// covers all cases of its batch: each of them reports the batch's stats
+/// (seconds of the whole batch, mean final loss, most steps).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EditStats {
     /// Wall time of the edit (statistics included when first computed).
@@ -564,6 +621,17 @@ struct DeltaEntry {
     seconds: f64,
 }
 
+impl DeltaEntry {
+    /// The stats of the entry's `i`-th case: its own delta's, or the one
+    /// delta of a batch method shared by all its cases.
+    fn stats_of(&self, i: usize) -> Option<EditStats> {
+        match self.stats.len() {
+            1 => self.stats.first().cloned(),
+            _ => self.stats.get(i).cloned(),
+        }
+    }
+}
+
 /// Errors of one request (it cannot be edited) are recorded and the run
 /// goes on; errors of files, tensors or the model stop it.
 fn is_case_error(e: &Error) -> bool {
@@ -956,7 +1024,7 @@ fn run_accumulating(
     for e in &entries {
         edit_seconds += e.seconds;
         for (i, id) in e.ids.iter().enumerate() {
-            edit_info.insert(*id, (e.stats.get(i).cloned(), e.error.clone()));
+            edit_info.insert(*id, (e.stats_of(i), e.error.clone()));
         }
     }
 
@@ -1048,7 +1116,7 @@ fn run_accumulating(
         let entry = append_line(&deltas_path, entry)?;
         edit_seconds += entry.seconds;
         for (i, id) in entry.ids.iter().enumerate() {
-            edit_info.insert(*id, (entry.stats.get(i).cloned(), entry.error.clone()));
+            edit_info.insert(*id, (entry.stats_of(i), entry.error.clone()));
         }
         k += step;
         let msg = match &entry.error {
