@@ -476,3 +476,45 @@ fn runner_edits_in_batches_with_memit_and_alphaedit() {
     assert_eq!(ed.edits().count(), 1);
     assert_eq!(ed.edits().next().unwrap().1.info.method, "alphaedit");
 }
+
+/// The keys a batch delta stores at each layer are the keys of the edited
+/// model there (the mean over the templates, read independently).
+#[test]
+fn stored_keys_are_the_edited_models_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    let templates = ed.context_templates().unwrap().to_vec();
+    let reqs = requests();
+    let done = ed.apply_batch(BatchMethod::Memit, &reqs).unwrap();
+    for l in &done.delta.layers {
+        let stored: Vec<Vec<f32>> = l.keys.t().unwrap().to_vec2().unwrap();
+        for (i, req) in reqs.iter().enumerate() {
+            let mut mean = vec![0f32; 96];
+            for t in &templates {
+                let prompt = t.replacen("{}", &req.prompt, 1);
+                let (tokens, span) = ed.model().subject_tokens(&prompt, &req.subject).unwrap();
+                let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+                let batch = ed.model().batch(&[ids]).unwrap();
+                let mut hooks = Hooks::new();
+                let id = hooks.capture(Site::MlpKey(l.layer), At::point(0, span.end - 1));
+                let out = ed.model().forward_until(&batch, l.layer, &hooks).unwrap();
+                let k: Vec<f32> = out.capture(id).squeeze(0).unwrap().to_vec1().unwrap();
+                for (m, x) in mean.iter_mut().zip(k) {
+                    *m += x / templates.len() as f32;
+                }
+            }
+            let err: f32 = mean
+                .iter()
+                .zip(&stored[i])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f32>()
+                .sqrt();
+            let norm: f32 = mean.iter().map(|a| a * a).sum::<f32>().sqrt();
+            assert!(
+                err <= 1e-5 * norm.max(1.0),
+                "layer {} request {i}: {err} vs {norm}",
+                l.layer
+            );
+        }
+    }
+}
