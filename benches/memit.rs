@@ -40,7 +40,8 @@ fn editor() -> Option<Editor> {
     for l in editor.memit_hparams().layers.clone() {
         editor.solver(l).expect("statistics");
     }
-    editor.context_templates().expect("templates");
+    let spec = editor.memit_hparams().context_templates.clone();
+    editor.templates_for(&spec).expect("templates");
     Some(editor)
 }
 

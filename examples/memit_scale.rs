@@ -46,7 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../shared/data/counterfact/counterfact_preknown.json",
     ))?;
     let requests: Vec<EditRequest> = cases.iter().take(n).map(|c| c.request.clone()).collect();
-    let templates = editor.context_templates()?.to_vec();
+    let spec = editor.memit_hparams().context_templates.clone();
+    let templates = editor.templates_for(&spec)?.to_vec();
     for (layer, m) in layers.iter().zip(&stats) {
         let c = m.to_f64_vec()?;
         let (values, _) = symmetric_eigen(&c, d_ff)?;

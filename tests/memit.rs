@@ -71,6 +71,9 @@ fn editor(layers: &[usize], dir: &std::path::Path) -> Editor {
     }
     ed.memit_hparams_mut().layers = layers.to_vec();
     ed.alphaedit_hparams_mut().layers = layers.to_vec();
+    // The same (small) templates for the batch methods as for ROME.
+    ed.memit_hparams_mut().context_templates = vec![(3, 2), (5, 2)];
+    ed.alphaedit_hparams_mut().context_templates = vec![(3, 2), (5, 2)];
     ed
 }
 
@@ -138,7 +141,8 @@ fn single_layer_memit_reproduces_its_target_as_lambda_goes_to_zero() {
         // The target at the key is W k + δ, with δ from ROME's optimiser at this layer.
         let mut hp = ed.hparams().clone();
         hp.layer = layer;
-        let templates = ed.context_templates().unwrap().to_vec();
+        let spec = ed.memit_hparams().context_templates.clone();
+        let templates = ed.templates_for(&spec).unwrap().to_vec();
         let kv = rome::key_and_delta(&tiny("llama"), &req, &templates, &hp).unwrap();
         let target = (before.matmul(&l.keys).unwrap().squeeze(1).unwrap() + &kv.delta).unwrap();
         let err = relative_error(&l.values.squeeze(1).unwrap(), &target);
@@ -517,4 +521,46 @@ fn stored_keys_are_the_edited_models_keys() {
             );
         }
     }
+}
+
+/// The targets of a batch are optimised together (one batch of prompts,
+/// one δ per request, converged requests leaving it early), and each
+/// equals the target optimised alone; an erase towards a neutral answer
+/// is among them.
+#[test]
+fn batched_targets_equal_targets_optimised_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[1], dir.path());
+    let templates = ed.context_templates().unwrap().to_vec();
+    let mut hp = ed.hparams().clone();
+    hp.layer = 0;
+    // High enough that some requests stop early and others do not.
+    hp.early_stop_loss = 2.0;
+    let mut reqs = requests();
+    let mut neutral = EditRequest::erase("the capital of {}", "germany", "berlin");
+    neutral.target_new = Some(" nothing".into());
+    reqs.push(neutral);
+    let together = rome::keys_and_deltas(ed.model(), &reqs, &templates, &hp).unwrap();
+    assert_eq!(together.len(), reqs.len());
+    let steps: Vec<usize> = together.iter().map(|kv| kv.losses.len()).collect();
+    assert!(
+        steps.iter().any(|&s| s < hp.v_steps) && steps.contains(&hp.v_steps),
+        "steps taken {steps:?}"
+    );
+    for (i, (req, kv)) in reqs.iter().zip(&together).enumerate() {
+        let alone = rome::key_and_delta(ed.model(), req, &templates, &hp).unwrap();
+        assert_eq!(kv.losses.len(), alone.losses.len(), "request {i}");
+        let err = relative_error(&kv.delta, &alone.delta);
+        assert!(err <= 1e-4, "request {i}: δ differs by {err}");
+        let err = relative_error(&kv.key, &alone.key);
+        assert!(err <= 1e-5, "request {i}: k* differs by {err}");
+        for (a, b) in kv.losses.iter().zip(&alone.losses) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "request {i}: {a} vs {b}"
+            );
+        }
+    }
+    // The neutral erase (two objectives) makes progress.
+    assert!(together[3].losses.last().unwrap() < together[3].losses.first().unwrap());
 }

@@ -82,8 +82,8 @@ impl NullSpaceThreshold {
     }
 }
 
-/// AlphaEdit's hyper-parameters. Like MEMIT, the δ optimisation, context
-/// templates and statistics are the editor's [`super::RomeHParams`].
+/// AlphaEdit's hyper-parameters. Like MEMIT, the δ optimisation and the
+/// statistics are the editor's [`super::RomeHParams`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlphaEditHParams {
     /// The blocks whose `mlp.w_out` are edited (distinct, ascending order).
@@ -92,6 +92,10 @@ pub struct AlphaEditHParams {
     pub nullspace_threshold: NullSpaceThreshold,
     /// `α`, the ridge of the solve (`L2` in the reference configurations).
     pub l2: f64,
+    /// Context templates of the targets and keys (MEMIT's by default,
+    /// [`super::memit::batch_templates`]).
+    #[serde(default = "super::memit::batch_templates")]
+    pub context_templates: Vec<(usize, usize)>,
 }
 
 /// kedit's default null-space threshold: eigenvalues of the mean `C`
@@ -106,6 +110,7 @@ impl AlphaEditHParams {
             layers: default_layers(config),
             nullspace_threshold: DEFAULT_THRESHOLD,
             l2: 10.0,
+            context_templates: super::memit::batch_templates(),
         }
     }
 

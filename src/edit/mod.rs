@@ -115,7 +115,7 @@ pub struct Applied {
 }
 
 /// Context templates with the (specification, seed) they were sampled with.
-type CachedTemplates = (Vec<(usize, usize)>, u64, Vec<String>);
+type CachedTemplates = Vec<(Vec<(usize, usize)>, u64, Vec<String>)>;
 
 /// Applies, journals and undoes edits of one model.
 pub struct Editor {
@@ -124,8 +124,8 @@ pub struct Editor {
     corpus: Corpus,
     /// Factorised statistics per layer, with the options they were made with.
     solvers: HashMap<usize, (crate::stats::StatsOptions, Arc<SpdSolver>)>,
-    /// Context templates with the (specification, seed) they were sampled with.
-    templates: Option<CachedTemplates>,
+    /// Context templates by the (specification, seed) they were sampled with.
+    templates: CachedTemplates,
     journal: Vec<(EditId, Delta)>,
     originals: HashMap<usize, Tensor>,
     next_id: u64,
@@ -159,7 +159,7 @@ impl Editor {
             hparams,
             corpus: Corpus::self_sampled(),
             solvers: HashMap::new(),
-            templates: None,
+            templates: Vec::new(),
             journal: Vec::new(),
             originals: HashMap::new(),
             next_id: 0,
@@ -173,11 +173,6 @@ impl Editor {
     pub fn with_hparams(mut self, hparams: RomeHParams) -> Self {
         if hparams.stats != self.hparams.stats {
             self.solvers.clear();
-        }
-        if (&hparams.context_templates, hparams.templates_seed)
-            != (&self.hparams.context_templates, self.hparams.templates_seed)
-        {
-            self.templates = None;
         }
         self.hparams = hparams;
         self
@@ -217,19 +212,30 @@ impl Editor {
         self.journal.iter().map(|(id, d)| (*id, d))
     }
 
-    /// The context templates (sampled and cached on first use).
+    /// The context templates of ROME's hyper-parameters (sampled and
+    /// cached on first use).
     pub fn context_templates(&mut self) -> Result<&[String]> {
-        let (spec, seed) = (&self.hparams.context_templates, self.hparams.templates_seed);
-        let fresh = matches!(&self.templates, Some((s, k, _)) if s == spec && *k == seed);
-        if !fresh {
-            let templates = context_templates(&self.model, spec, seed)?;
-            self.templates = Some((spec.clone(), seed, templates));
-        }
-        Ok(self
+        let spec = self.hparams.context_templates.clone();
+        self.templates_for(&spec)
+    }
+
+    /// Context templates of a specification (see [`context_templates`]),
+    /// with the seed of ROME's hyper-parameters, cached in memory.
+    pub fn templates_for(&mut self, spec: &[(usize, usize)]) -> Result<&[String]> {
+        let seed = self.hparams.templates_seed;
+        let found = self
             .templates
-            .as_ref()
-            .map(|(_, _, t)| t.as_slice())
-            .unwrap_or_default())
+            .iter()
+            .position(|(s, k, _)| s.as_slice() == spec && *k == seed);
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let templates = context_templates(&self.model, spec, seed)?;
+                self.templates.push((spec.to_vec(), seed, templates));
+                self.templates.len() - 1
+            }
+        };
+        Ok(&self.templates[i].2)
     }
 
     /// The factorised `C` of a layer (statistics from the cache or computed),
@@ -272,19 +278,16 @@ impl Editor {
             setup: t.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        let kv = rome::key_and_delta(&self.model, req, &templates, &self.hparams)?;
+        let kv =
+            rome::key_and_delta_for_update(&self.model, req, &templates, &self.hparams, &solver)?;
         timings.key = kv.prepare_seconds;
         timings.value = kv.optimise_seconds;
 
         let t = Instant::now();
-        let k: Vec<f64> = kv.key.to_dtype(DType::F64)?.to_vec1()?;
-        let u = solver.solve(&k, 1)?;
-        let uk: f64 = u.iter().zip(&k).map(|(a, b)| a * b).sum();
-        if !(uk.is_finite() && uk.abs() > 1e-30) {
-            return Err(Error::NonFinite(format!(
-                "uᵀk* = {uk} in the rank-one solve"
-            )));
-        }
+        let direction = kv
+            .direction
+            .clone()
+            .ok_or_else(|| Error::NonFinite("the update direction is missing".into()))?;
         let w = &self.model.weights().blocks[layer].mlp.w_out.weight;
         let device = w.device().clone();
         let key = kv.key.to_device(&device)?.to_dtype(w.dtype())?;
@@ -293,11 +296,12 @@ impl Editor {
             .squeeze(1)?
             .to_dtype(DType::F32)?;
         let delta = kv.delta.to_device(&device)?;
+        // ΔW = δ aᵀ with aᵀk* = 1, so W' k* = W k* + δ = v*.
         let value = (&wk + &delta)?;
-        let left = (delta / uk)?.unsqueeze(1)?;
+        let left = delta.unsqueeze(1)?;
         let right = Tensor::from_vec(
-            u.iter().map(|&x| x as f32).collect::<Vec<f32>>(),
-            (u.len(), 1),
+            direction.iter().map(|&x| x as f32).collect::<Vec<f32>>(),
+            (direction.len(), 1),
             &device,
         )?;
         timings.solve = t.elapsed().as_secs_f64();
