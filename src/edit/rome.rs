@@ -533,11 +533,11 @@ fn optimise(
     };
     let prepare_seconds = started.elapsed().as_secs_f64();
 
-    // The rows are split into shards that run forward and backward on
-    // separate threads: candle's CPU kernels use one core well, not two.
-    let n_threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4);
+    // The rows are split into shards that run forward and backward as
+    // parallel tasks: candle's CPU kernels use one core well, not two. The
+    // tasks run in rayon's pool, where candle's matrix products also run
+    // theirs, so the cores are shared rather than oversubscribed.
+    let n_threads = rayon::current_num_threads().clamp(1, 4);
     let started = Instant::now();
     let delta = Var::zeros((n_req, cfg.d_model), DType::F32, model.device())?;
     let mut adams: Vec<Adam> = (0..n_req)
@@ -557,23 +557,13 @@ fn optimise(
     let mut losses = vec![Vec::with_capacity(hp.v_steps); n_req];
     for step in 0..hp.v_steps {
         let want_grad = step + 1 < hp.v_steps;
-        let results: Vec<Result<(Vec<f32>, Option<Tensor>)>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = shards
-                .iter()
-                .map(|shard| {
-                    let (problem, delta) = (&problem, &delta);
-                    scope.spawn(move || problem.step(shard, delta, want_grad))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::NonFinite("a v* worker thread panicked".into()))
-                    })
-                })
+        let results: Vec<Result<(Vec<f32>, Option<Tensor>)>> = {
+            use rayon::prelude::*;
+            shards
+                .par_iter()
+                .map(|shard| problem.step(shard, &delta, want_grad))
                 .collect()
-        });
+        };
         let mut delta_now: Vec<Vec<f32>> = delta.as_tensor().to_vec2()?;
         let mut loss = vec![0f64; n_req];
         let mut grad = vec![vec![0f32; cfg.d_model]; n_req];

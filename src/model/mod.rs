@@ -112,7 +112,7 @@ impl Model {
 
     /// Loads a model from `source` with explicit options.
     pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        prefer_serial_elementwise_ops();
+        configure_cpu_threads();
         match source {
             ModelSource::Dir(dir) => Self::load_dir(dir, opts),
             ModelSource::Gguf(path) => Self::load_gguf(path, opts),
@@ -343,20 +343,28 @@ impl Model {
     }
 }
 
-/// Makes candle run element-wise CPU kernels on the calling thread unless
-/// the user chose otherwise (`CANDLE_NUM_THREADS`).
+/// Sets candle's CPU threading for editing workloads, unless the user chose
+/// otherwise through the same environment variables.
 ///
-/// candle's pool for element-wise ops synchronises through spinning
-/// barriers; at the tensor sizes of editing (a few thousand elements) that
-/// costs far more than it saves: a ROME v* optimisation on SmolLM2 ran 3×
-/// slower with it on 2 cores. Matrix products keep their own threading.
-fn prefer_serial_elementwise_ops() {
+/// - `CANDLE_NUM_THREADS=1`: candle's pool for element-wise ops synchronises
+///   through spinning barriers; at the tensor sizes of editing (a few
+///   thousand elements) that costs far more than it saves: a ROME v*
+///   optimisation on SmolLM2 ran 3× slower with it on 2 cores.
+/// - `RAYON_NUM_THREADS` = the count candle picks itself (physical cores):
+///   candle 0.11 asks for its thread count on every matrix product, and
+///   without the variable that means reading and parsing `/proc/cpuinfo`
+///   each time (about 50 µs, thousands of times per v* step).
+fn configure_cpu_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        // Called before any candle kernel of this process has read the
+        // variables; they change nothing else in candle.
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-            // Called before any candle kernel of this process has read the
-            // variable (it is read once); setting it affects nothing else.
             std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = candle_core::utils::get_num_threads();
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
     });
 }
