@@ -10,7 +10,9 @@
 //!
 //! - `--method rome|memit|alphaedit` (MEMIT and AlphaEdit: one joint update
 //!   per batch: all cases in `batch` mode, `EVERY` cases per batch in
-//!   `sequential:EVERY` mode)
+//!   `sequential:EVERY` mode); several, comma-separated, run one after the
+//!   other on the same slice into `OUT/<method>`, and a sequential run then
+//!   draws all of them in `OUT/curve.png` (and `.svg`)
 //! - `--data FILE` (default `../shared/data/counterfact/counterfact_preknown.json`)
 //! - `--start I`, `--n N` (default 0 and 10; `--n 0`: to the end)
 //! - `--layer L` (ROME; default: the editor's for the model)
@@ -32,14 +34,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kedit::edit::Editor;
-use kedit::eval::{read_cases, read_cases_lenient, run, MeasureOptions, Method, Mode, RunOptions};
+use kedit::eval::{
+    curve_figure, read_cases, read_cases_lenient, run, MeasureOptions, Method, Mode, RunOptions,
+};
 use kedit::stats::Corpus;
 
 const DEFAULT_DATA: &str = "../shared/data/counterfact/counterfact_preknown.json";
 const DEFAULT_CORPUS: &str = "../shared/data/prose/wikitext-2-raw-test.txt";
 
 struct Args {
-    method: Method,
+    methods: Vec<Method>,
     data: PathBuf,
     start: usize,
     n: usize,
@@ -59,7 +63,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
-        method: Method::Rome,
+        methods: vec![Method::Rome],
         data: PathBuf::from(DEFAULT_DATA),
         start: 0,
         n: 10,
@@ -95,7 +99,12 @@ fn parse_args() -> Result<Args, String> {
                 .map_err(|_| format!("{flag}: {v:?} is not a non-negative integer"))
         };
         match flag.as_str() {
-            "--method" => a.method = value.parse().map_err(|e| format!("{e}"))?,
+            "--method" => {
+                a.methods = value
+                    .split(',')
+                    .map(|m| m.trim().parse().map_err(|e| format!("{e}")))
+                    .collect::<Result<Vec<Method>, String>>()?
+            }
             "--data" => a.data = PathBuf::from(value),
             "--start" => a.start = num(&value)?,
             "--n" => a.n = num(&value)?,
@@ -136,7 +145,7 @@ fn main() {
                 eprintln!("error: {msg}");
             }
             eprintln!(
-                "usage: counterfact_eval [--method rome|memit|alphaedit] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
+                "usage: counterfact_eval [--method rome|memit|alphaedit[,…]] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
                  [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
                  [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]"
             );
@@ -183,13 +192,55 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .to_string_lossy()
             .into_owned(),
     };
+    let mut runs = Vec::new();
+    for &method in &args.methods {
+        let (report, out) = run_method(&args, method, &model_path, slice, end)?;
+        println!("{}", report.markdown());
+        runs.push((method, report, out));
+    }
+    let base = runs[0].2.clone();
+    let curve_dir = if runs.len() > 1 {
+        base.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        base
+    };
+    if runs.iter().any(|(_, r, _)| r.checkpoints.len() > 1) {
+        let named: Vec<(String, Vec<kedit::eval::Checkpoint>)> = runs
+            .iter()
+            .map(|(m, r, _)| (m.name().to_string(), r.checkpoints.clone()))
+            .collect();
+        let title = format!(
+            "Sequential edits: {} cases of {}",
+            slice.len(),
+            args.data.display()
+        );
+        let fig = curve_figure(&title, &named);
+        fig.save_png(&curve_dir.join("curve.png"), 2)?;
+        fig.save_svg(&curve_dir.join("curve.svg"))?;
+        println!("curve: {}", curve_dir.join("curve.png").display());
+    }
+    println!(
+        "wall time of this invocation: {:.0} s; files in {}",
+        wall.elapsed().as_secs_f64(),
+        curve_dir.display()
+    );
+    Ok(())
+}
+
+/// One method's run over the slice: its editor, output directory and report.
+fn run_method(
+    args: &Args,
+    method: Method,
+    model_path: &str,
+    slice: &[kedit::eval::Case],
+    end: usize,
+) -> Result<(kedit::eval::Report, PathBuf), Box<dyn std::error::Error>> {
     let t = Instant::now();
-    let model = kedit::Model::load(&model_path)?;
+    let model = kedit::Model::load(model_path)?;
     eprintln!(
         "model {model_path} loaded in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-
     let corpus = match args.corpus.as_deref() {
         Some("self") => Corpus::self_sampled(),
         Some(p) => Corpus::File(PathBuf::from(p)),
@@ -214,7 +265,7 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     editor.hparams_mut().stats.samples = args.stats_samples;
     let layer = editor.hparams().layer;
     // Names the edited layers in the output directory and the log.
-    let layer_tag = match args.method {
+    let layer_tag = match method {
         Method::Rome => format!("l{layer}"),
         Method::Memit => format!(
             "l{}-lambda{}",
@@ -234,13 +285,15 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "data".into());
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("target/eval-out").join(format!(
+    let out = match (&args.out, args.methods.len()) {
+        (Some(dir), 1) => dir.clone(),
+        (Some(dir), _) => dir.join(method.name()),
+        (None, _) => PathBuf::from("target/eval-out").join(format!(
             "{stem}-{}-{mode_name}-{layer_tag}-f{}",
-            args.method.name(),
+            method.name(),
             args.fluency_tokens
-        ))
-    });
+        )),
+    };
     eprintln!(
         "{} records {}..{} of {} ({} schema), method {}, mode {mode_name}, layers {layer_tag}, \
          corpus {corpus_name} ({} samples), fluency {} tokens → {}",
@@ -249,7 +302,7 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         end,
         args.data.display(),
         serde_json::to_string(&slice[0].schema)?.trim_matches('"'),
-        args.method.name(),
+        method.name(),
         args.stats_samples,
         args.fluency_tokens,
         out.display()
@@ -260,7 +313,7 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     // Batch methods' settings identify the run too (ROME's description is
     // left as it was, so that earlier ROME runs still resume).
-    let method_hparams = match args.method {
+    let method_hparams = match method {
         Method::Rome => None,
         Method::Memit => Some(serde_json::to_value(editor.memit_hparams())?),
         Method::AlphaEdit => Some(serde_json::to_value(editor.alphaedit_hparams())?),
@@ -269,7 +322,7 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         description["method_hparams"] = h;
     }
     let opts = RunOptions {
-        method: args.method,
+        method,
         mode: args.mode,
         out_dir: out.clone(),
         measure: MeasureOptions {
@@ -281,13 +334,7 @@ fn main_with(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         reuse_deltas: args.reuse_deltas.clone(),
     };
     let report = run(&mut editor, slice, &opts)?;
-    println!("{}", report.markdown());
-    println!(
-        "wall time of this invocation: {:.0} s; files in {}",
-        wall.elapsed().as_secs_f64(),
-        out.display()
-    );
-    Ok(())
+    Ok((report, out))
 }
 
 /// `1-2-3` for a list of layers.

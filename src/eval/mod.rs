@@ -7,6 +7,8 @@
 //!   n-gram-entropy fluency, top-1 token accuracy).
 //! - [`measure`](mod@measure): scoring a model on cases (batched teacher forcing and
 //!   greedy generation).
+//! - [`curve`]: ES / PS / NS against the number of edits of sequential
+//!   runs, as a figure (SVG / PNG).
 //! - [`runner`]: single, batch and sequential runs over a dataset slice
 //!   that write `cases.jsonl`, `summary.json` and a Markdown table, and
 //!   resume when interrupted.
@@ -24,11 +26,13 @@
 //! # Ok::<(), kedit::Error>(())
 //! ```
 
+pub mod curve;
 pub mod data;
 pub mod measure;
 pub mod metrics;
 pub mod runner;
 
+pub use curve::curve_figure;
 pub use data::{
     parse_cases, read_cases, read_cases_as, read_cases_lenient, template_of, Case, Locality, Schema,
 };

@@ -469,6 +469,7 @@ impl Aggregate {
             &x_title,
             "p(restored) - p(corrupted)",
             &series,
+            None,
         ))
     }
 

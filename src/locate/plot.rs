@@ -475,9 +475,8 @@ pub fn token_label(token: &str) -> String {
 }
 
 /// Step between layer ticks so that labels `cell` units apart do not collide.
-fn tick_step(cell: f64, n: usize) -> usize {
-    let digits = n.max(1).to_string().len() as f64;
-    let need = digits * 11.0 * 0.64 + 8.0;
+fn tick_step(cell: f64, label_chars: usize) -> usize {
+    let need = label_chars.max(1) as f64 * 11.0 * 0.64 + 8.0;
     [1usize, 2, 5, 10, 20, 50, 100]
         .into_iter()
         .find(|&s| s as f64 * cell >= need)
@@ -624,7 +623,7 @@ pub(crate) fn heatmap(result: &TraceResult, grid: &Grid) -> Figure {
     }
 
     // Layer ticks and axis title.
-    let step = tick_step(cell_w, n_l);
+    let step = tick_step(cell_w, n_l.to_string().len());
     for l in (0..n_l).step_by(step) {
         let x = left + (l as f64 + 0.5) * cell_w;
         fig.line((x, top + grid_h), (x, top + grid_h + 4.0), 1.0, Rgb::GREY);
@@ -711,12 +710,14 @@ pub(crate) struct Series {
     pub values: Vec<f32>,
 }
 
-/// A line plot of series over layers `0..n`, with a legend on the right.
+/// A line plot of series over `0..n` (ticks labelled with the index, or
+/// with `x_labels` when given), with a legend on the right.
 pub(crate) fn line_plot(
     titles: &[String],
     x_title: &str,
     y_title: &str,
     series: &[Series],
+    x_labels: Option<&[String]>,
 ) -> Figure {
     let (title_size, label_size, tick_size) = (14.0, 12.0, 11.0);
     let n = series
@@ -802,14 +803,20 @@ pub(crate) fn line_plot(
         1.0,
         Rgb::BLACK,
     );
-    let tstep = tick_step(plot_w / n as f64, n);
+    let label = |l: usize| {
+        x_labels
+            .and_then(|labels| labels.get(l).cloned())
+            .unwrap_or_else(|| l.to_string())
+    };
+    let widest = (0..n).map(|l| label(l).len()).max().unwrap_or(1);
+    let tstep = tick_step(plot_w / n as f64, widest);
     for l in (0..n).step_by(tstep) {
         let x = x_of(l as f64);
         fig.line((x, top + plot_h), (x, top + plot_h + 4.0), 1.0, Rgb::BLACK);
         fig.text(
             x,
             top + plot_h + 18.0,
-            &l.to_string(),
+            &label(l),
             tick_size,
             Anchor::Middle,
             false,
