@@ -111,6 +111,32 @@ fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
     norm(&(got - want).unwrap()) / norm(want)
 }
 
+/// The MLP key at the subject's last token at `layer`, averaged over the
+/// templates with `weights`, one template at a time.
+fn mean_key(
+    model: &Model,
+    req: &EditRequest,
+    templates: &[String],
+    weights: &[f64],
+    layer: usize,
+) -> Vec<f32> {
+    let mut mean = vec![0f32; model.config().d_ff];
+    for (t, w) in templates.iter().zip(weights) {
+        let prompt = t.replacen("{}", &req.prompt, 1);
+        let (tokens, span) = model.subject_tokens(&prompt, &req.subject).unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let batch = model.batch(&[ids]).unwrap();
+        let mut hooks = Hooks::new();
+        let id = hooks.capture(Site::MlpKey(layer), At::point(0, span.end - 1));
+        let out = model.forward_until(&batch, layer, &hooks).unwrap();
+        let k: Vec<f32> = out.capture(id).squeeze(0).unwrap().to_vec1().unwrap();
+        for (m, x) in mean.iter_mut().zip(k) {
+            *m += x * *w as f32;
+        }
+    }
+    mean
+}
+
 /// One layer, one request, λ → 0: the update maps the key onto its target
 /// `W k + δ` (δ recomputed independently with ROME's optimiser).
 #[test]
@@ -147,8 +173,15 @@ fn single_layer_memit_reproduces_its_target_as_lambda_goes_to_zero() {
         let target = (before.matmul(&l.keys).unwrap().squeeze(1).unwrap() + &kv.delta).unwrap();
         let err = relative_error(&l.values.squeeze(1).unwrap(), &target);
         assert!(err <= 1e-4, "layer {layer}: value vs W k + δ: {err}");
-        let err = relative_error(&l.keys.squeeze(1).unwrap(), &kv.key);
-        assert!(err <= 1e-5, "layer {layer}: key vs ROME's k*: {err}");
+        // The key: the group-weighted mean over the same templates.
+        let weights = kedit::edit::group_weights(&spec);
+        let want = mean_key(ed.model(), &req, &templates, &weights, layer);
+        let want = Tensor::new(want.as_slice(), &kedit::Device::Cpu).unwrap();
+        let err = relative_error(&l.keys.squeeze(1).unwrap(), &want);
+        assert!(
+            err <= 1e-5,
+            "layer {layer}: key vs the weighted mean key: {err}"
+        );
     }
 }
 
@@ -222,6 +255,56 @@ fn memit_delta_round_trips_through_a_file() {
         assert_eq!(w_out(fresh.model(), layer), w_out(ed.model(), layer));
     }
     assert!(fresh.rewrite_error(&loaded).unwrap() < 1.0);
+}
+
+/// A hand-made delta that repeats a layer, or whose keys do not fit the
+/// model, is refused before anything changes.
+#[test]
+fn malformed_batch_deltas_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor(&[0, 1], dir.path());
+    let done = ed.apply_batch(BatchMethod::Memit, &requests()).unwrap();
+    ed.undo(done.id).unwrap();
+    let original = [w_out(ed.model(), 0), w_out(ed.model(), 1)];
+
+    let mut repeated = done.delta.clone();
+    repeated.layers[1] = repeated.layers[0].clone();
+    let err = ed.apply_delta(&repeated).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { what, reason } if what == "delta" && reason.contains("more than once")),
+        "{err}"
+    );
+
+    let mut bad_keys = done.delta.clone();
+    bad_keys.layers[0].keys = bad_keys.layers[0].keys.narrow(0, 0, 10).unwrap();
+    let err = ed.apply_delta(&bad_keys).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { what, reason } if what == "delta" && reason.contains("keys")),
+        "{err}"
+    );
+
+    let mut bad_rank = done.delta.clone();
+    bad_rank.layers[0].left = bad_rank.layers[0].left.narrow(1, 0, 2).unwrap();
+    assert!(ed.apply_delta(&bad_rank).is_err());
+
+    assert_eq!(w_out(ed.model(), 0), original[0]);
+    assert_eq!(w_out(ed.model(), 1), original[1]);
+    assert_eq!(ed.edits().count(), 0);
+}
+
+/// Keys are averaged within each group of templates, then over groups:
+/// the bare prompt weighs as much as each group of samples.
+#[test]
+fn template_group_weights_follow_the_reference() {
+    let w = kedit::edit::group_weights(&[(10, 5)]);
+    assert_eq!(w.len(), 6);
+    assert!((w[0] - 0.5).abs() < 1e-12);
+    assert!(w[1..].iter().all(|&x| (x - 0.1).abs() < 1e-12));
+    let w = kedit::edit::group_weights(&[(5, 10), (10, 10)]);
+    assert_eq!(w.len(), 21);
+    assert!((w[0] - 1.0 / 3.0).abs() < 1e-12);
+    assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    assert_eq!(kedit::edit::group_weights(&[]), vec![1.0]);
 }
 
 /// Deterministic pseudo-random numbers in [-1, 1).
@@ -493,20 +576,8 @@ fn stored_keys_are_the_edited_models_keys() {
     for l in &done.delta.layers {
         let stored: Vec<Vec<f32>> = l.keys.t().unwrap().to_vec2().unwrap();
         for (i, req) in reqs.iter().enumerate() {
-            let mut mean = vec![0f32; 96];
-            for t in &templates {
-                let prompt = t.replacen("{}", &req.prompt, 1);
-                let (tokens, span) = ed.model().subject_tokens(&prompt, &req.subject).unwrap();
-                let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-                let batch = ed.model().batch(&[ids]).unwrap();
-                let mut hooks = Hooks::new();
-                let id = hooks.capture(Site::MlpKey(l.layer), At::point(0, span.end - 1));
-                let out = ed.model().forward_until(&batch, l.layer, &hooks).unwrap();
-                let k: Vec<f32> = out.capture(id).squeeze(0).unwrap().to_vec1().unwrap();
-                for (m, x) in mean.iter_mut().zip(k) {
-                    *m += x / templates.len() as f32;
-                }
-            }
+            let weights = kedit::edit::group_weights(&ed.memit_hparams().context_templates);
+            let mean = mean_key(ed.model(), req, &templates, &weights, l.layer);
             let err: f32 = mean
                 .iter()
                 .zip(&stored[i])

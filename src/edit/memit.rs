@@ -4,15 +4,20 @@
 //! A batch of requests is written into the MLP output matrices of a window
 //! of layers `l₁ < … < L`:
 //!
-//! 1. **Targets.** For each request, `δᵢ` is optimised exactly as ROME's
-//!    `v*` shift, at the last layer `L` ([`rome::keys_and_deltas`]). Adding
+//! 1. **Targets.** For each request, `δᵢ` is optimised as ROME's `v*`
+//!    shift, at the last layer `L` ([`rome::keys_and_deltas`]). Unlike the
+//!    reference, whose clamp and decay are relative to the norm of the
+//!    residual `h_L`, both stay relative to the MLP output there, as in
+//!    ROME, so one set of [`super::RomeHParams`] serves all three methods. Adding
 //!    `δᵢ` to the MLP output of `L` at the subject's last token is adding it
 //!    to the residual stream leaving `L`, so the target residual is
 //!    `zᵢ = h_L + δᵢ` (`h_L` on the bare prompt, as in the reference).
 //! 2. **Layers, ascending.** With the model as already updated at the lower
 //!    layers of the window: the keys `K` (`[d_ff, n]`, each the mean MLP key
-//!    at the subject's last token over the context templates, as ROME's
-//!    `k*`), the current residuals `h_L`, and the part of what is missing
+//!    at the subject's last token over the context templates, averaged
+//!    within each group of templates and then over the groups as the
+//!    reference does, so the bare prompt weighs half; see
+//!    [`super::group_weights`]), the current residuals `h_L`, and the part of what is missing
 //!    that this layer takes, `R = (Z − H_L) / (layers left, this one
 //!    included)`. Then
 //!
@@ -234,10 +239,10 @@ struct KeyRows {
     ids: Vec<Vec<u32>>,
     /// The request of each row.
     owner: Vec<usize>,
+    /// The weight of each row in its request's mean key.
+    weight: Vec<f64>,
     /// Per request, the row of its bare prompt (template `"{}"`).
     bare: Vec<usize>,
-    /// Rows per request (the templates).
-    per_request: usize,
     /// The rows other than the bare prompts, by length, in passes.
     chunks: Vec<Vec<usize>>,
     /// The residual entering `layer` for every chunk, from the last read.
@@ -248,7 +253,24 @@ struct KeyRows {
 const ROWS_PER_PASS: usize = 64;
 
 impl KeyRows {
-    fn new(model: &Model, requests: &[EditRequest], templates: &[String]) -> Result<Self> {
+    /// Rows of every template (weighted by `weights` in the mean keys)
+    /// filled with every request.
+    fn new(
+        model: &Model,
+        requests: &[EditRequest],
+        templates: &[String],
+        weights: &[f64],
+    ) -> Result<Self> {
+        if weights.len() != templates.len() {
+            return Err(Error::invalid(
+                "context templates",
+                format!(
+                    "{} templates but {} weights",
+                    templates.len(),
+                    weights.len()
+                ),
+            ));
+        }
         let bare_template = templates
             .iter()
             .position(|t| t == "{}")
@@ -256,8 +278,8 @@ impl KeyRows {
         let mut rows = KeyRows {
             ids: Vec::with_capacity(requests.len() * templates.len()),
             owner: Vec::new(),
+            weight: Vec::new(),
             bare: Vec::with_capacity(requests.len()),
-            per_request: templates.len(),
             chunks: Vec::new(),
             kept: None,
         };
@@ -271,11 +293,14 @@ impl KeyRows {
                 rows.ids
                     .push(tokens[..span.end].iter().map(|t| t.id).collect());
                 rows.owner.push(i);
+                rows.weight.push(weights[t]);
             }
         }
-        let mut rest: Vec<usize> = (0..rows.ids.len())
-            .filter(|r| !rows.bare.contains(r))
-            .collect();
+        let mut is_bare = vec![false; rows.ids.len()];
+        for &r in &rows.bare {
+            is_bare[r] = true;
+        }
+        let mut rest: Vec<usize> = (0..rows.ids.len()).filter(|&r| !is_bare[r]).collect();
         rest.sort_by_key(|&r| rows.ids[r].len());
         rows.chunks = rest.chunks(ROWS_PER_PASS).map(<[usize]>::to_vec).collect();
         Ok(rows)
@@ -300,13 +325,12 @@ impl KeyRows {
         let n = self.n_requests();
         let mut keys = key_layer.map(|_| Mat::<f64>::zeros(cfg.d_ff, n));
         let mut resid = Mat::<f64>::zeros(cfg.d_model, n);
-        let scale = 1.0 / self.per_request as f64;
         let add_keys = |keys: &mut Mat<f64>, rows: &[usize], k: &Tensor| -> Result<()> {
             let k: Vec<Vec<f64>> = k.to_dtype(DType::F64)?.to_vec2()?;
             for (&row, k) in rows.iter().zip(&k) {
-                let owner = self.owner[row];
+                let (owner, weight) = (self.owner[row], self.weight[row]);
                 for (j, x) in k.iter().enumerate() {
-                    keys[(j, owner)] += x * scale;
+                    keys[(j, owner)] += x * weight;
                 }
             }
             Ok(())
@@ -540,7 +564,14 @@ impl Editor {
     ) -> Result<BatchApplied> {
         let (delta, mut report) = self.compute_batch(method, requests)?;
         let id = self.apply_delta(&delta)?;
-        report.rewrite_error = self.rewrite_error(&delta)?;
+        // The caller gets no id on error, so the edit must not stay applied.
+        match self.rewrite_error(&delta) {
+            Ok(e) => report.rewrite_error = e,
+            Err(e) => {
+                self.undo(id)?;
+                return Err(e);
+            }
+        }
         Ok(BatchApplied { id, delta, report })
     }
 
@@ -588,7 +619,12 @@ impl Editor {
         let shifts = columns_of(&Tensor::stack(&deltas, 0)?)?;
         seconds.targets = t.elapsed().as_secs_f64();
 
-        let mut rows = KeyRows::new(&self.model, requests, &templates)?;
+        let mut rows = KeyRows::new(
+            &self.model,
+            requests,
+            &templates,
+            &super::templates::group_weights(&spec),
+        )?;
         // The window's weights, to put back whatever happens.
         let saved: Vec<(usize, Tensor)> = layers
             .iter()

@@ -33,7 +33,7 @@ pub use delta::{Delta, DeltaInfo, LayerDelta};
 pub use hparams::RomeHParams;
 pub use memit::{BatchApplied, BatchMethod, BatchReport, BatchTimings, LayerReport, MemitHParams};
 pub use request::{with_leading_space, EditKind, EditRequest};
-pub use templates::context_templates;
+pub use templates::{context_templates, group_weights};
 
 use crate::linalg::SpdSolver;
 use crate::model::Model;
@@ -334,8 +334,17 @@ impl Editor {
         timings.report = t.elapsed().as_secs_f64();
         let id = self.apply_delta(&delta)?;
         let t = Instant::now();
-        let after = self.probes(req)?;
-        let rewrite_error = self.rewrite_error(&delta)?;
+        // The caller gets no id on error, so the edit must not stay applied.
+        let measured = self
+            .probes(req)
+            .and_then(|after| Ok((after, self.rewrite_error(&delta)?)));
+        let (after, rewrite_error) = match measured {
+            Ok(m) => m,
+            Err(e) => {
+                self.undo(id)?;
+                return Err(e);
+            }
+        };
         timings.report += t.elapsed().as_secs_f64();
         let erased = (req.kind == EditKind::Erase).then(|| {
             let (b, a) = (
@@ -424,11 +433,42 @@ impl Editor {
             ));
         }
         let cfg = self.model.config();
+        let mut seen = std::collections::HashSet::new();
         for l in &delta.layers {
             if l.layer >= cfg.n_layers {
                 return Err(Error::invalid(
                     "delta",
                     format!("layer {} is out of range", l.layer),
+                ));
+            }
+            // Every layer's update is computed from the current weights
+            // before any is swapped in, so a repeated layer would keep only
+            // its last update while undo replays both.
+            if !seen.insert(l.layer) {
+                return Err(Error::invalid(
+                    "delta",
+                    format!("layer {} appears more than once", l.layer),
+                ));
+            }
+            let (left, right) = (l.left.dims(), l.right.dims());
+            let n_keys = l.keys.dims().get(1).copied().unwrap_or(0);
+            let shapes_fit = left.len() == 2
+                && right.len() == 2
+                && left[1] == right[1]
+                && l.keys.dims() == [cfg.d_ff, n_keys]
+                && l.values.dims() == [cfg.d_model, n_keys];
+            if !shapes_fit {
+                return Err(Error::invalid(
+                    "delta",
+                    format!(
+                        "layer {}: factors {:?} × {:?}, keys {:?}, values {:?} are not \
+                         [d_model, r] × [d_ff, r], [d_ff, n], [d_model, n]",
+                        l.layer,
+                        l.left.dims(),
+                        l.right.dims(),
+                        l.keys.dims(),
+                        l.values.dims()
+                    ),
                 ));
             }
             if l.left.dim(0)? != cfg.d_model || l.right.dim(0)? != cfg.d_ff {

@@ -4,6 +4,24 @@
 use crate::model::{Model, Sampling};
 use crate::{Error, Result};
 
+/// The weight of each template of [`context_templates`]`(spec)` in a mean
+/// key: the mean within each group (the bare `"{}"`, then each
+/// `(tokens, count)` of `spec`), then the mean over the groups. This is how
+/// MEMIT's reference averages keys, so the bare prompt weighs as much as
+/// all the samples of one length together (ROME averages all templates
+/// alike instead).
+pub fn group_weights(spec: &[(usize, usize)]) -> Vec<f64> {
+    let groups = 1 + spec.iter().filter(|s| s.1 > 0).count();
+    let mut weights = vec![1.0 / groups as f64];
+    for &(_, count) in spec {
+        weights.extend(std::iter::repeat_n(
+            1.0 / (groups * count.max(1)) as f64,
+            count,
+        ));
+    }
+    weights
+}
+
 /// `"{}"` followed by, for each `(tokens, count)`, `count` texts of `tokens`
 /// sampled tokens (top-5 sampling, seeded) ending in `". {}"`. Cached per
 /// model, specification and seed under `<kedit cache>/templates`.
