@@ -284,3 +284,55 @@ fn bad_statistics_cache_is_detected_and_recomputed() {
     assert_eq!(max_abs_diff(&again.matrix, &good.matrix), 0.0);
     assert!(kedit::stats::read_cached(&path, &good.key, model.config().d_ff).is_ok());
 }
+
+/// Statistics first needed after an edit of a lower layer are those of the
+/// base model (the disk cache is keyed by the base model's fingerprint),
+/// and the edit stays applied.
+#[test]
+fn statistics_needed_after_an_edit_come_from_the_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor("llama", 0, dir.path());
+    let edit = ed.apply(&request()).unwrap();
+    let edited = w_out(ed.model(), 0);
+    ed.hparams_mut().layer = 1;
+    ed.solver(1).unwrap();
+    assert_eq!(w_out(ed.model(), 0), edited, "the edit is still applied");
+
+    let opts = ed.hparams().stats.clone();
+    let cached = kedit::stats::second_moment(&tiny("llama"), 1, &corpus(), &opts).unwrap();
+    let fresh = kedit::stats::second_moment(
+        &tiny("llama"),
+        1,
+        &corpus(),
+        &StatsOptions {
+            use_cache: false,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    let on_edited = kedit::stats::second_moment(
+        ed.model(),
+        1,
+        &corpus(),
+        &StatsOptions {
+            use_cache: false,
+            ..opts
+        },
+    )
+    .unwrap();
+    let flat = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(kedit::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(flat(&cached.matrix), flat(&fresh.matrix));
+    assert_ne!(
+        flat(&on_edited.matrix),
+        flat(&fresh.matrix),
+        "the edit at layer 0 changes the keys of layer 1"
+    );
+    ed.undo(edit.id).unwrap();
+}

@@ -269,7 +269,8 @@ impl Editor {
         }
         let opts = self.hparams.stats.clone();
         let threshold = self.alphaedit.nullspace_threshold;
-        let stats = second_moment(&self.model, layer, &self.corpus, &opts)?;
+        let corpus = self.corpus.clone();
+        let stats = self.on_base_model(|model| second_moment(model, layer, &corpus, &opts))?;
         let d_ff = self.model.config().d_ff;
         let path = opts
             .cache_dir

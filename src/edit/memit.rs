@@ -750,7 +750,8 @@ impl Editor {
             .collect();
         if !missing.is_empty() {
             // Warms the disk cache of every missing layer in one corpus pass.
-            second_moments(&self.model, &missing, &self.corpus, &stats_opts)?;
+            let corpus = self.corpus.clone();
+            self.on_base_model(|model| second_moments(model, &missing, &corpus, &stats_opts))?;
         }
         let mut out = Vec::with_capacity(layers.len());
         for &l in layers {

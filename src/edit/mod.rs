@@ -238,15 +238,35 @@ impl Editor {
         Ok(&self.templates[i].2)
     }
 
-    /// The factorised `C` of a layer (statistics from the cache or computed),
-    /// kept in memory while the statistics options stay the same.
+    /// Runs `f` on the model as loaded: the layers edits touched get their
+    /// original weights for the call and the edited ones back after it
+    /// (cheap: tensors are shared, not copied). Key statistics belong to
+    /// the base model, whose fingerprint keys their disk cache, however
+    /// many edits were applied before they were first needed.
+    pub(crate) fn on_base_model<T>(&mut self, f: impl FnOnce(&Model) -> Result<T>) -> Result<T> {
+        let mut edited = Vec::with_capacity(self.originals.len());
+        for (&layer, original) in &self.originals {
+            let slot = &mut self.model.weights_mut().blocks[layer].mlp.w_out.weight;
+            edited.push((layer, std::mem::replace(slot, original.clone())));
+        }
+        let out = f(&self.model);
+        for (layer, w) in edited {
+            self.model.weights_mut().blocks[layer].mlp.w_out.weight = w;
+        }
+        out
+    }
+
+    /// The factorised `C` of a layer (statistics from the cache or computed
+    /// on the base model), kept in memory while the statistics options stay
+    /// the same.
     pub fn solver(&mut self, layer: usize) -> Result<Arc<SpdSolver>> {
         if let Some((opts, s)) = self.solvers.get(&layer) {
             if *opts == self.hparams.stats {
                 return Ok(s.clone());
             }
         }
-        let stats = second_moment(&self.model, layer, &self.corpus, &self.hparams.stats)?;
+        let (corpus, opts) = (self.corpus.clone(), self.hparams.stats.clone());
+        let stats = self.on_base_model(|model| second_moment(model, layer, &corpus, &opts))?;
         let solver = Arc::new(SpdSolver::new(
             &stats.to_f64_vec()?,
             self.model.config().d_ff,
