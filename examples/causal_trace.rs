@@ -112,7 +112,18 @@ fn bar(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Prints errors in readable form (not `Debug`) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse()?;
     let path = match &args.model {
         Some(p) => p.clone(),

@@ -8,7 +8,18 @@
 
 use std::time::Instant;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Prints errors in readable form (not `Debug`) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let model_path = match args.iter().position(|a| a == "--model") {
         Some(i) if i + 1 < args.len() => {
@@ -21,6 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .display()
             .to_string(),
     };
+    if let Some(flag) = args.iter().find(|a| a.starts_with("--")) {
+        return Err(
+            format!("unknown option {flag:?} (usage: complete [--model PATH] [PROMPT…])").into(),
+        );
+    }
     let prompt = args.join(" ");
     let prompt = if prompt.is_empty() {
         "The capital of France is".to_string()

@@ -4,7 +4,18 @@
 //! cargo run --release --example fetch_model
 //! ```
 
-fn main() -> Result<(), kedit::Error> {
+/// Prints errors in readable form (not `Debug`) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), kedit::Error> {
     let path = kedit::fetch::ensure(&kedit::fetch::SMOLLM2_135M)?;
     println!("{}", path.display());
     Ok(())

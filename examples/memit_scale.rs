@@ -15,7 +15,18 @@ use kedit::eval::read_cases;
 use kedit::linalg::symmetric_eigen;
 use kedit::stats::{second_moments, Corpus};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Prints errors in readable form (not `Debug`) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut n = 20usize;
     let mut samples = 1000usize;
     let mut args = std::env::args().skip(1);

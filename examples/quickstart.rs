@@ -28,16 +28,35 @@ fn show(model: &Model, prompt: &str) -> kedit::Result<()> {
     Ok(())
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let out_dir = PathBuf::from(arg("--out").unwrap_or_else(|| "kedit-out".into()));
-    let corpus = match arg("--corpus") {
+/// Prints errors in readable form (not `Debug`) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let (mut out, mut corpus_path) = (None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let slot = match flag.as_str() {
+            "--out" => &mut out,
+            "--corpus" => &mut corpus_path,
+            other => {
+                return Err(format!(
+                    "unknown option {other:?} (usage: quickstart [--corpus FILE] [--out DIR])"
+                )
+                .into())
+            }
+        };
+        *slot = Some(args.next().ok_or(format!("{flag} needs a value"))?);
+    }
+    let out_dir = PathBuf::from(out.unwrap_or_else(|| "kedit-out".into()));
+    let corpus = match corpus_path {
         Some(path) => Corpus::File(path.into()),
         None => Corpus::self_sampled(),
     };

@@ -223,6 +223,7 @@ fn bad_requests_leave_weights_untouched() {
         EditRequest::modify("{} is in", "the tower", "paris", "   "),
         EditRequest::modify("{} is in", "the tower", "rome", "rome"),
         EditRequest::modify("{} is in", "", "paris", "rome"),
+        EditRequest::modify("{} is near {}", "the tower", "paris", "rome"),
     ];
     for req in &cases {
         let err = ed.apply(req).unwrap_err();

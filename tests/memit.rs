@@ -562,6 +562,30 @@ fn runner_edits_in_batches_with_memit_and_alphaedit() {
     assert_eq!(report.checkpoints.len(), 1);
     assert_eq!(ed.edits().count(), 1);
     assert_eq!(ed.edits().next().unwrap().1.info.method, "alphaedit");
+    assert_eq!(report.layers, vec![0, 1]);
+
+    // Invalid settings are the run's error, before any case is edited or
+    // written, not a failed edit of every case.
+    for (method, bad) in [
+        (Method::Memit, "layers"),
+        (Method::Memit, "lambda"),
+        (Method::AlphaEdit, "l2"),
+        (Method::Rome, "samples"),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let mut ed = editor(&[0, 1], dir.path());
+        match bad {
+            "layers" => ed.memit_hparams_mut().layers = vec![0, 99],
+            "lambda" => ed.memit_hparams_mut().mom2_update_weight = -5.0,
+            "l2" => ed.alphaedit_hparams_mut().l2 = f64::NAN,
+            _ => ed.hparams_mut().stats.samples = 0,
+        }
+        let err = kedit::eval::run(&mut ed, &cases(), &opts(out.path(), method, Mode::Batch))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err}");
+        assert!(!out.path().join("cases.jsonl").exists(), "{bad}");
+        assert_eq!(ed.edits().count(), 0);
+    }
 }
 
 /// The keys a batch delta stores at each layer are the keys of the edited

@@ -682,6 +682,39 @@ impl Editor {
         if requests.is_empty() {
             return Err(Error::invalid("batch", "it holds no request"));
         }
+        let sorted = self.check_window(method, layers)?;
+        for (i, req) in requests.iter().enumerate() {
+            let in_batch = |e: Error| match e {
+                Error::InvalidInput { what, reason } => Error::InvalidInput {
+                    what: format!("{what} (request {i} of the batch)"),
+                    reason,
+                },
+                other => other,
+            };
+            req.validate().map_err(in_batch)?;
+            self.model
+                .subject_tokens(&req.prompt, &req.subject)
+                .map_err(in_batch)?;
+            self.model
+                .target_ids(req.objective_target())
+                .map_err(in_batch)?;
+        }
+        Ok(sorted)
+    }
+
+    /// Checks a batch method's settings (its layer window, `λ` or null-space
+    /// settings, the statistics options) without any request; returns the
+    /// window in ascending order.
+    pub fn check_batch_settings(&self, method: BatchMethod) -> Result<Vec<usize>> {
+        let layers = match method {
+            BatchMethod::Memit => &self.memit.layers,
+            BatchMethod::AlphaEdit => &self.alphaedit.layers,
+        };
+        self.check_window(method, layers)
+    }
+
+    fn check_window(&self, method: BatchMethod, layers: &[usize]) -> Result<Vec<usize>> {
+        self.hparams.stats.validate()?;
         let n_layers = self.model.config().n_layers;
         if layers.is_empty() {
             return Err(Error::invalid(
@@ -714,22 +747,6 @@ impl Editor {
                 }
             }
             BatchMethod::AlphaEdit => self.alphaedit.validate()?,
-        }
-        for (i, req) in requests.iter().enumerate() {
-            let in_batch = |e: Error| match e {
-                Error::InvalidInput { what, reason } => Error::InvalidInput {
-                    what: format!("{what} (request {i} of the batch)"),
-                    reason,
-                },
-                other => other,
-            };
-            req.validate().map_err(in_batch)?;
-            self.model
-                .subject_tokens(&req.prompt, &req.subject)
-                .map_err(in_batch)?;
-            self.model
-                .target_ids(req.objective_target())
-                .map_err(in_batch)?;
         }
         Ok(sorted)
     }

@@ -276,6 +276,21 @@ impl Editor {
         Ok(solver)
     }
 
+    /// Checks ROME's settings (the layer, the statistics options) without
+    /// a request; returns the edited layer.
+    pub fn check_rome_settings(&self) -> Result<Vec<usize>> {
+        let layer = self.hparams.layer;
+        let n_layers = self.model.config().n_layers;
+        if layer >= n_layers {
+            return Err(Error::invalid(
+                "layer",
+                format!("{layer} is out of range: the model has {n_layers} layers"),
+            ));
+        }
+        self.hparams.stats.validate()?;
+        Ok(vec![layer])
+    }
+
     /// Computes the ROME update for `req` without applying it.
     pub fn compute(&mut self, req: &EditRequest) -> Result<(Delta, rome::KeyValue, Timings)> {
         req.validate()?;

@@ -125,6 +125,15 @@ impl EditRequest {
                 format!("{:?} has no {{}} where the subject goes", self.prompt),
             ));
         }
+        if self.prompt.matches("{}").count() > 1 {
+            return Err(Error::invalid(
+                "edit prompt",
+                format!(
+                    "{:?} has more than one {{}}: the subject goes in exactly one place",
+                    self.prompt
+                ),
+            ));
+        }
         if self.subject.trim().is_empty() {
             return Err(Error::invalid("edit subject", "it is empty"));
         }

@@ -39,6 +39,6 @@ pub use data::{
 pub use measure::{greedy_batch, measure, score, CaseMetrics, CaseProbs, MeasureOptions, Scored};
 pub use metrics::PairProb;
 pub use runner::{
-    run, summarize, Accuracies, AppliedEdit, CaseLine, Checkpoint, EditStats, Method, Mode,
-    PrePost, Report, RunOptions, Summary,
+    run, summarize, Accuracies, AppliedEdit, CaseLine, Checkpoint, EditSeconds, EditStats, Method,
+    Mode, PrePost, Report, RunOptions, Summary,
 };

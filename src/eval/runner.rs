@@ -390,18 +390,27 @@ pub struct Report {
     pub method: String,
     /// The mode.
     pub mode: Mode,
-    /// The edited layer.
-    pub layer: usize,
+    /// The edited layers (ROME: one; MEMIT / AlphaEdit: the window).
+    pub layers: Vec<usize>,
     /// Tokens generated per prompt for fluency (0: off).
     pub fluency_tokens: usize,
     /// Cases whose edit failed (scored as unedited).
     pub failed: usize,
-    /// Mean and median seconds per edit.
-    pub edit_seconds: PrePost,
+    /// Seconds per edit (per batch edit in batch / sequential modes).
+    pub edit_seconds: EditSeconds,
     /// Batch and sequential modes: the metrics at each checkpoint.
     pub checkpoints: Vec<Checkpoint>,
     /// The run's description (data, corpus, …).
     pub description: serde_json::Value,
+}
+
+/// Mean and median of the seconds per edit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EditSeconds {
+    /// Mean (none without edits).
+    pub mean: Option<f64>,
+    /// Median (the mean of the two middle values for an even count).
+    pub median: Option<f64>,
 }
 
 fn mean_of(lines: &[CaseLine], f: impl Fn(&CaseMetrics) -> Option<f64>) -> PrePost {
@@ -485,7 +494,7 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n{} cases, method {}, mode {}, layer {}, {} failed edits, {:.0} s{}",
+            "\n{} cases, method {}, mode {}, {} {}, {} failed edits, {:.0} s{}",
             s.n,
             self.method,
             match self.mode {
@@ -493,10 +502,19 @@ impl Report {
                 Mode::Batch => "batch".to_string(),
                 Mode::Sequential { every } => format!("sequential (every {every})"),
             },
-            self.layer,
+            if self.layers.len() == 1 {
+                "layer"
+            } else {
+                "layers"
+            },
+            self.layers
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             self.failed,
             s.seconds,
-            match (self.edit_seconds.pre, self.edit_seconds.post) {
+            match (self.edit_seconds.mean, self.edit_seconds.median) {
                 (Some(m), Some(med)) => format!(" (per edit: mean {m:.1} s, median {med:.1} s)"),
                 _ => String::new(),
             }
@@ -740,14 +758,12 @@ fn line_for(case: &Case, edits: usize, pre: CaseMetrics, post: CaseMetrics) -> C
 /// redone. In batch and sequential modes the editor must hold no edits.
 pub fn run(editor: &mut Editor, cases: &[Case], opts: &RunOptions) -> Result<Report> {
     let started = Instant::now();
-    let n_layers = editor.model().config().n_layers;
-    let layer = editor.hparams().layer;
-    if layer >= n_layers {
-        return Err(Error::invalid(
-            "layer",
-            format!("{layer} is out of range: the model has {n_layers} layers"),
-        ));
-    }
+    // Settings are checked once, before any case: an invalid one is the
+    // run's error, not a failed edit of every case.
+    let layers = match opts.method.batch_method() {
+        None => editor.check_rome_settings()?,
+        Some(method) => editor.check_batch_settings(method)?,
+    };
     let mut seen = HashSet::new();
     if let Some(c) = cases.iter().find(|c| !seen.insert(c.id)) {
         return Err(Error::invalid(
@@ -796,7 +812,11 @@ pub fn run(editor: &mut Editor, cases: &[Case], opts: &RunOptions) -> Result<Rep
         .filter_map(|l| l.edit.as_ref().map(|e| e.seconds))
         .collect();
     edit_times.sort_by(f64::total_cmp);
-    let median = edit_times.get(edit_times.len() / 2).copied();
+    let median = match edit_times.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(edit_times[n / 2]),
+        n => Some(0.5 * (edit_times[n / 2 - 1] + edit_times[n / 2])),
+    };
     summary.seconds = lines.iter().map(|l| l.seconds).sum::<f64>() + extra_seconds;
     for c in &mut checkpoints {
         c.summary.seconds = summary.seconds;
@@ -806,12 +826,12 @@ pub fn run(editor: &mut Editor, cases: &[Case], opts: &RunOptions) -> Result<Rep
         accuracy,
         method: opts.method.name().into(),
         mode: opts.mode,
-        layer,
+        layers,
         fluency_tokens: opts.measure.fluency_tokens,
         failed: lines.iter().filter(|l| l.error.is_some()).count(),
-        edit_seconds: PrePost {
-            pre: metrics::mean(&edit_times),
-            post: median,
+        edit_seconds: EditSeconds {
+            mean: metrics::mean(&edit_times),
+            median,
         },
         checkpoints,
         description: opts.description.clone(),
@@ -911,9 +931,10 @@ fn run_single(editor: &mut Editor, cases: &[Case], opts: &RunOptions) -> Result<
         let status = match &line.error {
             Some(e) => format!("case {} failed: {e}", line.id),
             None => format!(
-                "case {} {:.0}s | {}",
+                "case {} {:.0}s | mean of {}: {}",
                 line.id,
                 line.seconds,
+                lines.len(),
                 running_means(&lines)
             ),
         };

@@ -68,6 +68,23 @@ pub struct StatsOptions {
     pub use_cache: bool,
 }
 
+impl StatsOptions {
+    /// Checks the options: at least one sample, sequences of at least two
+    /// tokens, at least one sequence per pass.
+    pub fn validate(&self) -> Result<()> {
+        if self.samples == 0 || self.max_len < 2 || self.batch_size == 0 {
+            return Err(Error::invalid(
+                "statistics options",
+                format!(
+                    "samples {}, max_len {}, batch_size {}: samples and batch_size must be ≥ 1 and max_len ≥ 2",
+                    self.samples, self.max_len, self.batch_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for StatsOptions {
     fn default() -> Self {
         Self {
