@@ -109,8 +109,18 @@ pub enum Error {
     },
 
     /// An error of the tensor library that is not attributable to an input.
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", candle_reason(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A tensor-library error's message without the backtrace that candle
+/// appends when `RUST_BACKTRACE` is set (it belongs in a debugger, not in
+/// an error message).
+pub(crate) fn candle_reason(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_reason(inner),
+        other => other.to_string(),
+    }
 }
 
 impl Error {

@@ -475,7 +475,7 @@ fn gguf_config(path: &Path, src: &GgufSource) -> Result<ModelConfig> {
     let arch = src
         .meta("general.architecture")?
         .to_string()
-        .map_err(|e| gguf_err(path, e))?
+        .map_err(|e| gguf_err(path, crate::error::candle_reason(&e)))?
         .clone();
     let family = match arch.as_str() {
         "llama" => Family::Llama,
@@ -493,7 +493,12 @@ fn gguf_config(path: &Path, src: &GgufSource) -> Result<ModelConfig> {
         v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .map(|x| x as usize)
-            .map_err(|e| gguf_err(path, format!("{arch}.{key}: {e}")))
+            .map_err(|e| {
+                gguf_err(
+                    path,
+                    format!("{arch}.{key}: {}", crate::error::candle_reason(&e)),
+                )
+            })
     };
     let float = |key: &str, default: f64| -> f64 {
         src.content
@@ -509,7 +514,7 @@ fn gguf_config(path: &Path, src: &GgufSource) -> Result<ModelConfig> {
     let vocab_size = src
         .meta("tokenizer.ggml.tokens")?
         .to_vec()
-        .map_err(|e| gguf_err(path, e))?
+        .map_err(|e| gguf_err(path, crate::error::candle_reason(&e)))?
         .len();
     let token = |key: &str| src.content.metadata.get(key).and_then(|v| v.to_u32().ok());
     let config = ModelConfig {

@@ -176,7 +176,7 @@ impl GgufSource {
         let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             format: "GGUF",
-            reason: e.to_string(),
+            reason: crate::error::candle_reason(&e),
         })?;
         // Check that every tensor's data lies inside the file, so a truncated
         // download fails here with a clear message, not halfway through.
