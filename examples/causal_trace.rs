@@ -112,15 +112,10 @@ fn bar(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-/// Prints errors in readable form (not `Debug`) and exits with status 1.
+mod common;
+
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::exit_status(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

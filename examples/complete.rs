@@ -8,15 +8,10 @@
 
 use std::time::Instant;
 
-/// Prints errors in readable form (not `Debug`) and exits with status 1.
+mod common;
+
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::exit_status(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

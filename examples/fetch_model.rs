@@ -4,15 +4,10 @@
 //! cargo run --release --example fetch_model
 //! ```
 
-/// Prints errors in readable form (not `Debug`) and exits with status 1.
+mod common;
+
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::exit_status(run())
 }
 
 fn run() -> Result<(), kedit::Error> {

@@ -15,15 +15,10 @@ use kedit::eval::read_cases;
 use kedit::linalg::symmetric_eigen;
 use kedit::stats::{second_moments, Corpus};
 
-/// Prints errors in readable form (not `Debug`) and exits with status 1.
+mod common;
+
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::exit_status(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

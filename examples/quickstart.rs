@@ -28,15 +28,10 @@ fn show(model: &Model, prompt: &str) -> kedit::Result<()> {
     Ok(())
 }
 
-/// Prints errors in readable form (not `Debug`) and exits with status 1.
+mod common;
+
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::exit_status(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
