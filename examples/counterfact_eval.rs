@@ -18,6 +18,10 @@
 //! - `--layer L` (ROME; default: the editor's for the model)
 //! - `--layers L1,L2,…` (MEMIT / AlphaEdit window; default: the editor's)
 //! - `--lambda X` (MEMIT's `mom2_update_weight`; default: the editor's)
+//! - `--templates T1xN1,T2xN2,…` (context templates of the method: `N`
+//!   samples of `T` tokens each, plus the bare prompt; default: the
+//!   editor's, `5x5,10x5` for ROME and `10x5` for MEMIT / AlphaEdit)
+//! - `--steps N` (at most `N` optimisation steps of δ; default 20)
 //! - `--mode single|batch|sequential|sequential:EVERY` (default single)
 //! - `--out DIR` (default `target/eval-out/<data>-<method>-<mode>-l<layer>-f<tokens>`)
 //! - `--corpus FILE|self` (key statistics; default the WikiText test file in
@@ -50,6 +54,8 @@ struct Args {
     layer: Option<usize>,
     layers: Option<Vec<usize>>,
     lambda: Option<f64>,
+    templates: Option<Vec<(usize, usize)>>,
+    steps: Option<usize>,
     mode: Mode,
     out: Option<PathBuf>,
     corpus: Option<String>,
@@ -70,6 +76,8 @@ fn parse_args() -> Result<Args, String> {
         layer: None,
         layers: None,
         lambda: None,
+        templates: None,
+        steps: None,
         mode: Mode::Single,
         out: None,
         corpus: None,
@@ -124,6 +132,19 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|_| format!("--lambda: {value:?} is not a number"))?,
                 )
             }
+            "--templates" => {
+                let spec = value
+                    .split(',')
+                    .map(|part| {
+                        let (t, n) = part.split_once('x').ok_or_else(|| {
+                            format!("--templates: {part:?} is not TOKENSxCOUNT (e.g. 5x10)")
+                        })?;
+                        Ok((num(t)?, num(n)?))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                a.templates = Some(spec);
+            }
+            "--steps" => a.steps = Some(num(&value)?),
             "--mode" => a.mode = value.parse().map_err(|e| format!("{e}"))?,
             "--out" => a.out = Some(PathBuf::from(value)),
             "--corpus" => a.corpus = Some(value),
@@ -263,6 +284,16 @@ fn run_method(
         editor.memit_hparams_mut().mom2_update_weight = lambda;
     }
     editor.hparams_mut().stats.samples = args.stats_samples;
+    if let Some(steps) = args.steps {
+        editor.hparams_mut().v_steps = steps;
+    }
+    if let Some(spec) = &args.templates {
+        match method {
+            Method::Rome => editor.hparams_mut().context_templates = spec.clone(),
+            Method::Memit => editor.memit_hparams_mut().context_templates = spec.clone(),
+            Method::AlphaEdit => editor.alphaedit_hparams_mut().context_templates = spec.clone(),
+        }
+    }
     let layer = editor.hparams().layer;
     // Names the edited layers in the output directory and the log.
     let layer_tag = match method {
