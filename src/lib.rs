@@ -24,6 +24,12 @@ pub mod locate;
 pub mod model;
 pub mod stats;
 
+/// The Rust snippets of README.md, compiled as doc tests so that the
+/// README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeSnippets;
+
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use error::{Error, Result};
 pub use locate::{trace, Aggregate, TraceOptions, TraceResult, Tracer};
