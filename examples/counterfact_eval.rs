@@ -162,14 +162,16 @@ fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("error: {msg}");
+            let usage = "usage: counterfact_eval [--method rome|memit|alphaedit[,…]] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
+                 [--templates TxN,..] [--steps N] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
+                 [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]\n\
+                 (each option is described at the top of examples/counterfact_eval.rs)";
+            // --help asked for the usage: it is the answer, not an error.
+            if msg.is_empty() {
+                println!("{usage}");
+                std::process::exit(0);
             }
-            eprintln!(
-                "usage: counterfact_eval [--method rome|memit|alphaedit[,…]] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
-                 [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
-                 [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]"
-            );
+            eprintln!("error: {msg}\n{usage}");
             std::process::exit(2);
         }
     };

@@ -239,6 +239,41 @@ fn bad_requests_leave_weights_untouched() {
     assert_eq!(ed.edits().count(), 0);
 }
 
+/// Settings that cannot give an edit are refused by name before any work.
+#[test]
+fn bad_hyper_parameters_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ed = editor("llama", 1, dir.path());
+    let before = w_out(ed.model(), 1);
+    let good = ed.hparams().clone();
+    let cases: [(&str, fn(&mut RomeHParams)); 6] = [
+        ("v_steps", |h| h.v_steps = 0),
+        ("v_lr", |h| h.v_lr = f64::NAN),
+        ("clamp_norm_factor", |h| h.clamp_norm_factor = -1.0),
+        ("kl_factor", |h| h.kl_factor = f64::INFINITY),
+        ("early_stop_loss", |h| h.early_stop_loss = -0.5),
+        ("context_templates", |h| h.context_templates = vec![(0, 3)]),
+    ];
+    for (name, spoil) in cases {
+        *ed.hparams_mut() = good.clone();
+        spoil(ed.hparams_mut());
+        let err = ed.apply(&request()).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput { what, .. } if what == name),
+            "{name}: {err}"
+        );
+        let err = ed
+            .apply_batch(kedit::edit::BatchMethod::Memit, &[request()])
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput { what, .. } if what == name),
+            "{name} (MEMIT): {err}"
+        );
+    }
+    assert_eq!(w_out(ed.model(), 1), before);
+    assert_eq!(ed.edits().count(), 0);
+}
+
 /// A diverging optimisation is a typed error, not a corrupted model.
 #[test]
 fn non_finite_loss_is_an_error() {
@@ -246,7 +281,7 @@ fn non_finite_loss_is_an_error() {
     let mut ed = editor("llama", 0, dir.path());
     let before = w_out(ed.model(), 0);
     ed.hparams_mut().v_lr = 1e38;
-    ed.hparams_mut().clamp_norm_factor = f64::INFINITY;
+    ed.hparams_mut().clamp_norm_factor = 1e30;
     let err = ed.apply(&request()).unwrap_err();
     assert!(matches!(err, Error::NonFinite(_)), "{err}");
     assert_eq!(w_out(ed.model(), 0), before);

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Family, ModelConfig};
 use crate::stats::StatsOptions;
+use crate::{Error, Result};
 
 /// ROME's hyper-parameters (names follow the paper's and the reference
 /// implementation's where they exist).
@@ -66,5 +67,44 @@ impl RomeHParams {
             templates_seed: 0,
             stats: StatsOptions::default(),
         }
+    }
+
+    /// Checks the optimisation settings (the layer is checked against the
+    /// model by the editor): at least one step, a positive finite learning
+    /// rate and clamp, non-negative finite weights, and templates without a
+    /// zero.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, reason: String| Err(Error::invalid(what, reason));
+        if self.v_steps == 0 {
+            return bad(
+                "v_steps",
+                "0: δ needs at least one optimisation step".into(),
+            );
+        }
+        for (what, value) in [
+            ("v_lr", self.v_lr),
+            ("clamp_norm_factor", self.clamp_norm_factor),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(what, format!("{value} is not a positive number"));
+            }
+        }
+        for (what, value) in [
+            ("v_weight_decay", self.v_weight_decay),
+            ("kl_factor", self.kl_factor),
+            ("early_stop_loss", self.early_stop_loss),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return bad(what, format!("{value} is not a non-negative number"));
+            }
+        }
+        if let Some((t, n)) = self
+            .context_templates
+            .iter()
+            .find(|(t, n)| *t == 0 || *n == 0)
+        {
+            return bad("context_templates", format!("({t}, {n}) has a zero"));
+        }
+        self.stats.validate()
     }
 }

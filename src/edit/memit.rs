@@ -714,7 +714,8 @@ impl Editor {
     }
 
     fn check_window(&self, method: BatchMethod, layers: &[usize]) -> Result<Vec<usize>> {
-        self.hparams.stats.validate()?;
+        // MEMIT's and AlphaEdit's targets use ROME's optimisation settings.
+        self.hparams.validate()?;
         let n_layers = self.model.config().n_layers;
         if layers.is_empty() {
             return Err(Error::invalid(

@@ -287,13 +287,14 @@ impl Editor {
                 format!("{layer} is out of range: the model has {n_layers} layers"),
             ));
         }
-        self.hparams.stats.validate()?;
+        self.hparams.validate()?;
         Ok(vec![layer])
     }
 
     /// Computes the ROME update for `req` without applying it.
     pub fn compute(&mut self, req: &EditRequest) -> Result<(Delta, rome::KeyValue, Timings)> {
         req.validate()?;
+        self.hparams.validate()?;
         let layer = self.hparams.layer;
         let n_layers = self.model.config().n_layers;
         if layer >= n_layers {
