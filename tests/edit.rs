@@ -246,7 +246,8 @@ fn bad_hyper_parameters_are_refused_by_name() {
     let mut ed = editor("llama", 1, dir.path());
     let before = w_out(ed.model(), 1);
     let good = ed.hparams().clone();
-    let cases: [(&str, fn(&mut RomeHParams)); 6] = [
+    type Spoil = fn(&mut RomeHParams);
+    let cases: [(&str, Spoil); 6] = [
         ("v_steps", |h| h.v_steps = 0),
         ("v_lr", |h| h.v_lr = f64::NAN),
         ("clamp_norm_factor", |h| h.clamp_norm_factor = -1.0),
