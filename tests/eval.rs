@@ -262,6 +262,11 @@ fn batched_scoring_matches_target_probs_on_a_tiny_model() {
         ("the tower is located in the city of", " rome and paris"),
         ("she plays", " the piano"),
         ("the capital of france is", " rome"),
+        // Targets that share a row: one a prefix of another's context.
+        ("the tower is located in the city of", " rome and london"),
+        ("the tower is located in the city of", " rome"),
+        ("the tower is located in the city of", " rome and"),
+        ("the tower is located in the city of", " paris"),
     ];
     for chunk in [1, 3, 64] {
         let got = score(&model, &pairs, chunk).unwrap();
@@ -269,6 +274,10 @@ fn batched_scoring_matches_target_probs_on_a_tiny_model() {
         for (g, w) in got.iter().zip(&want) {
             assert!((g.mean_nll - f64::from(w.mean_nll)).abs() < 1e-5);
             assert_eq!(g.hits.len(), w.token_probs.len());
+            assert_eq!(g.hits[0], w.first_rank == 0, "first hit against rank");
+            let mean_p: f32 =
+                w.token_probs.iter().map(|p| p.ln()).sum::<f32>() / w.token_probs.len() as f32;
+            assert!((g.mean_nll + f64::from(mean_p)).abs() < 1e-4);
         }
         // A hit is the argmax of the next-token distribution.
         let top = model.top_k("the capital of france is", 1).unwrap()[0].id;

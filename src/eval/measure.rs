@@ -35,31 +35,77 @@ impl Scored {
 
 /// Scores `(prompt, target)` pairs: the target (give it its leading space)
 /// is appended to the prompt's tokens as is, exactly as
-/// [`Model::target_probs`] does. Rows are sorted by length and run in
-/// forward passes of at most `chunk` rows, with logits only at the target
-/// positions.
+/// [`Model::target_probs`] does, with logits only at the target positions.
+///
+/// Targets after the same prompt share a forward pass where they can: the
+/// pass over `prompt + c` gives, at each position `p − 1 + i`, the next-token
+/// distribution after `prompt + c[..i]`, which scores every target `t` with
+/// `t[..len − 1]` a prefix of `c`. So single-token targets of a prompt (most
+/// CounterFact answers) cost no extra row, and a prompt with a one-token
+/// and a two-token target runs once instead of twice. Rows are sorted by
+/// length and run in forward passes of at most `chunk` rows.
 pub fn score(model: &Model, pairs: &[(&str, &str)], chunk: usize) -> Result<Vec<Scored>> {
     let chunk = chunk.max(1);
-    let mut rows = Vec::with_capacity(pairs.len());
-    for (prompt, target) in pairs {
-        let mut ids = model.prompt_ids(prompt)?;
-        let tgt = model.target_ids(target)?;
-        let p = ids.len();
-        ids.extend(&tgt);
-        rows.push((ids, p, tgt));
+    // Each pair's tokens, then the distinct prompts' token ids.
+    let mut prompts: Vec<Vec<u32>> = Vec::new();
+    let mut prompt_index: HashMap<&str, usize> = HashMap::new();
+    let mut tokenised = Vec::with_capacity(pairs.len());
+    for &(prompt, target) in pairs {
+        let p = match prompt_index.get(prompt) {
+            Some(&p) => p,
+            None => {
+                prompts.push(model.prompt_ids(prompt)?);
+                prompt_index.insert(prompt, prompts.len() - 1);
+                prompts.len() - 1
+            }
+        };
+        tokenised.push((p, model.target_ids(target)?));
     }
+    // Rows: a prompt and a continuation; each pair is served by a row of its
+    // prompt whose continuation starts with all of the target but its last
+    // token. Longest targets first, so shorter ones find their row.
+    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut served_by = vec![0usize; pairs.len()];
+    let mut by_length: Vec<usize> = (0..pairs.len()).collect();
+    by_length.sort_by_key(|&i| std::cmp::Reverse(tokenised[i].1.len()));
+    for i in by_length {
+        let (p, target) = &tokenised[i];
+        let needed = &target[..target.len() - 1];
+        served_by[i] = match rows
+            .iter()
+            .position(|(q, c)| q == p && c.starts_with(needed))
+        {
+            Some(r) => r,
+            None => {
+                rows.push((*p, needed.to_vec()));
+                rows.len() - 1
+            }
+        };
+    }
+    let mut pairs_of_row: Vec<Vec<usize>> = vec![Vec::new(); rows.len()];
+    for (i, &r) in served_by.iter().enumerate() {
+        pairs_of_row[r].push(i);
+    }
+    let row_len = |r: usize| prompts[rows[r].0].len() + rows[r].1.len();
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].0.len());
-    let mut out: Vec<Option<Scored>> = vec![None; rows.len()];
+    order.sort_by_key(|&r| row_len(r));
+    let mut out: Vec<Option<Scored>> = vec![None; pairs.len()];
     for group in order.chunks(chunk) {
-        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| rows[i].0.clone()).collect();
+        let mut seqs = Vec::with_capacity(group.len());
         let mut points = Vec::new();
         let mut wanted = Vec::new();
-        for (r, &i) in group.iter().enumerate() {
-            let (_, p, tgt) = &rows[i];
+        for (b, &r) in group.iter().enumerate() {
+            let (p, continuation) = &rows[r];
+            let mut ids = prompts[*p].clone();
+            let start = ids.len() - 1;
+            ids.extend(continuation);
+            seqs.push(ids);
             // Logits at position j predict token j + 1.
-            points.extend((p - 1..p - 1 + tgt.len()).map(|pos| (r, pos)));
-            wanted.extend(tgt.iter().copied());
+            for &i in &pairs_of_row[r] {
+                let target = &tokenised[i].1;
+                points.extend((start..start + target.len()).map(|pos| (b, pos)));
+                wanted.extend(target.iter().copied());
+            }
         }
         let batch = model.batch(&seqs)?;
         let fwd = model.forward(&batch, &LogitsAt::Points(points), &Hooks::new())?;
@@ -74,21 +120,23 @@ pub fn score(model: &Model, pairs: &[(&str, &str)], chunk: usize) -> Result<Vec<
             .to_vec1()?;
         let top: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         let mut at = 0;
-        for &i in group {
-            let tgt = &rows[i].2;
-            let lp = &lp[at..at + tgt.len()];
-            let top1 = top[at..at + tgt.len()].to_vec();
-            at += tgt.len();
-            let sum: f64 = lp.iter().map(|&x| f64::from(x)).sum();
-            out[i] = Some(Scored {
-                mean_nll: -sum / tgt.len() as f64,
-                hits: top1.iter().zip(tgt).map(|(a, b)| a == b).collect(),
-                top1,
-            });
+        for &r in group {
+            for &i in &pairs_of_row[r] {
+                let target = &tokenised[i].1;
+                let lp = &lp[at..at + target.len()];
+                let top1 = top[at..at + target.len()].to_vec();
+                at += target.len();
+                let sum: f64 = lp.iter().map(|&x| f64::from(x)).sum();
+                out[i] = Some(Scored {
+                    mean_nll: -sum / target.len() as f64,
+                    hits: top1.iter().zip(target).map(|(a, b)| a == b).collect(),
+                    top1,
+                });
+            }
         }
     }
     out.into_iter()
-        .map(|s| s.ok_or_else(|| Error::invalid("scoring", "a row was not scored")))
+        .map(|s| s.ok_or_else(|| Error::invalid("scoring", "a pair was not scored")))
         .collect()
 }
 
