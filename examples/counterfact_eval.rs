@@ -22,6 +22,8 @@
 //!   samples of `T` tokens each, plus the bare prompt; default: the
 //!   editor's, `5x5,10x5` for ROME and `10x5` for MEMIT / AlphaEdit)
 //! - `--steps N` (at most `N` optimisation steps of δ; default 20)
+//! - `--kl X`, `--clamp X` (δ's KL weight and norm clamp, a multiple of
+//!   ‖v‖; defaults 0.0625 and 4)
 //! - `--mode single|batch|sequential|sequential:EVERY` (default single)
 //! - `--out DIR` (default `target/eval-out/<data>-<method>-<mode>-l<layer>-f<tokens>`)
 //! - `--corpus FILE|self` (key statistics; default the WikiText test file in
@@ -56,6 +58,8 @@ struct Args {
     lambda: Option<f64>,
     templates: Option<Vec<(usize, usize)>>,
     steps: Option<usize>,
+    kl: Option<f64>,
+    clamp: Option<f64>,
     mode: Mode,
     out: Option<PathBuf>,
     corpus: Option<String>,
@@ -78,6 +82,8 @@ fn parse_args() -> Result<Args, String> {
         lambda: None,
         templates: None,
         steps: None,
+        kl: None,
+        clamp: None,
         mode: Mode::Single,
         out: None,
         corpus: None,
@@ -145,6 +151,16 @@ fn parse_args() -> Result<Args, String> {
                 a.templates = Some(spec);
             }
             "--steps" => a.steps = Some(num(&value)?),
+            "--kl" | "--clamp" => {
+                let x: f64 = value
+                    .parse()
+                    .map_err(|_| format!("{flag}: {value:?} is not a number"))?;
+                if flag == "--kl" {
+                    a.kl = Some(x);
+                } else {
+                    a.clamp = Some(x);
+                }
+            }
             "--mode" => a.mode = value.parse().map_err(|e| format!("{e}"))?,
             "--out" => a.out = Some(PathBuf::from(value)),
             "--corpus" => a.corpus = Some(value),
@@ -163,7 +179,7 @@ fn main() {
         Ok(a) => a,
         Err(msg) => {
             let usage = "usage: counterfact_eval [--method rome|memit|alphaedit[,…]] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
-                 [--templates TxN,..] [--steps N] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
+                 [--templates TxN,..] [--steps N] [--kl X] [--clamp X] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
                  [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]\n\
                  (each option is described at the top of examples/counterfact_eval.rs)";
             // --help asked for the usage: it is the answer, not an error.
@@ -288,6 +304,12 @@ fn run_method(
     editor.hparams_mut().stats.samples = args.stats_samples;
     if let Some(steps) = args.steps {
         editor.hparams_mut().v_steps = steps;
+    }
+    if let Some(kl) = args.kl {
+        editor.hparams_mut().kl_factor = kl;
+    }
+    if let Some(clamp) = args.clamp {
+        editor.hparams_mut().clamp_norm_factor = clamp;
     }
     if let Some(spec) = &args.templates {
         match method {
