@@ -515,7 +515,12 @@ impl Report {
             self.failed,
             s.seconds,
             match (self.edit_seconds.mean, self.edit_seconds.median) {
-                (Some(m), Some(med)) => format!(" (per edit: mean {m:.1} s, median {med:.1} s)"),
+                // In batch and sequential modes every case of a batch
+                // carries its batch's time: say so rather than "per edit".
+                (Some(m), Some(med)) => match self.mode {
+                    Mode::Single => format!(" (per edit: mean {m:.1} s, median {med:.1} s)"),
+                    _ => format!(" (per batch update: mean {m:.1} s, median {med:.1} s)"),
+                },
                 _ => String::new(),
             }
         );
