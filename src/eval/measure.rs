@@ -61,27 +61,7 @@ pub fn score(model: &Model, pairs: &[(&str, &str)], chunk: usize) -> Result<Vec<
         };
         tokenised.push((p, model.target_ids(target)?));
     }
-    // Rows: a prompt and a continuation; each pair is served by a row of its
-    // prompt whose continuation starts with all of the target but its last
-    // token. Longest targets first, so shorter ones find their row.
-    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
-    let mut served_by = vec![0usize; pairs.len()];
-    let mut by_length: Vec<usize> = (0..pairs.len()).collect();
-    by_length.sort_by_key(|&i| std::cmp::Reverse(tokenised[i].1.len()));
-    for i in by_length {
-        let (p, target) = &tokenised[i];
-        let needed = &target[..target.len() - 1];
-        served_by[i] = match rows
-            .iter()
-            .position(|(q, c)| q == p && c.starts_with(needed))
-        {
-            Some(r) => r,
-            None => {
-                rows.push((*p, needed.to_vec()));
-                rows.len() - 1
-            }
-        };
-    }
+    let (rows, served_by) = plan_rows(&tokenised);
     let mut pairs_of_row: Vec<Vec<usize>> = vec![Vec::new(); rows.len()];
     for (i, &r) in served_by.iter().enumerate() {
         pairs_of_row[r].push(i);
@@ -138,6 +118,33 @@ pub fn score(model: &Model, pairs: &[(&str, &str)], chunk: usize) -> Result<Vec<
     out.into_iter()
         .map(|s| s.ok_or_else(|| Error::invalid("scoring", "a pair was not scored")))
         .collect()
+}
+
+/// Plans the forward rows of [`score`]: for `(prompt index, target ids)`
+/// pairs (targets non-empty), rows `(prompt index, continuation)` and the
+/// row that serves each pair. A pair is served by a row of its prompt whose
+/// continuation starts with all of the target but its last token; targets
+/// are placed longest first, so shorter ones find a row already there.
+fn plan_rows(pairs: &[(usize, Vec<u32>)]) -> (Vec<(usize, Vec<u32>)>, Vec<usize>) {
+    let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut rows_of_prompt: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut served_by = vec![0usize; pairs.len()];
+    let mut by_length: Vec<usize> = (0..pairs.len()).collect();
+    by_length.sort_by_key(|&i| std::cmp::Reverse(pairs[i].1.len()));
+    for i in by_length {
+        let (p, target) = &pairs[i];
+        let needed = &target[..target.len() - 1];
+        let candidates = rows_of_prompt.entry(*p).or_default();
+        served_by[i] = match candidates.iter().find(|&&r| rows[r].1.starts_with(needed)) {
+            Some(&r) => r,
+            None => {
+                rows.push((*p, needed.to_vec()));
+                candidates.push(rows.len() - 1);
+                rows.len() - 1
+            }
+        };
+    }
+    (rows, served_by)
 }
 
 /// Greedy continuations of several prompts at once (a ragged KV cache):
@@ -409,4 +416,23 @@ fn fluency_of(
         })
         .collect();
     Ok((metrics::mean(&per), texts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_rows;
+
+    #[test]
+    fn targets_after_one_prompt_share_rows() {
+        let pairs = vec![
+            (0, vec![7]),       // one token: any row of prompt 0
+            (0, vec![5, 6, 9]), // needs [5, 6]
+            (0, vec![5, 8]),    // needs [5]: inside [5, 6]
+            (0, vec![4, 1]),    // needs [4]: a row of its own
+            (1, vec![7]),       // another prompt: its own row
+        ];
+        let (rows, served_by) = plan_rows(&pairs);
+        assert_eq!(rows, vec![(0, vec![5, 6]), (0, vec![4]), (1, vec![])]);
+        assert_eq!(served_by, vec![0, 0, 0, 1, 2]);
+    }
 }
