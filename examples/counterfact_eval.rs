@@ -24,6 +24,9 @@
 //! - `--steps N` (at most `N` optimisation steps of δ; default 20)
 //! - `--kl X`, `--clamp X` (δ's KL weight and norm clamp, a multiple of
 //!   ‖v‖; defaults 0.0625 and 4)
+//! - `--stop-on target|total` (which loss ends δ's optimisation early: the
+//!   target NLL alone, the default, or NLL + KL + decay as the reference)
+//! - `--early-stop X` (the threshold of that loss; default 0.05)
 //! - `--mode single|batch|sequential|sequential:EVERY` (default single)
 //! - `--out DIR` (default `target/eval-out/<data>-<method>-<mode>-l<layer>-f<tokens>`)
 //! - `--corpus FILE|self` (key statistics; default the WikiText test file in
@@ -39,7 +42,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kedit::edit::Editor;
+use kedit::edit::{Editor, StopOn};
 use kedit::eval::{
     curve_figure, read_cases, read_cases_lenient, run, MeasureOptions, Method, Mode, RunOptions,
 };
@@ -60,6 +63,8 @@ struct Args {
     steps: Option<usize>,
     kl: Option<f64>,
     clamp: Option<f64>,
+    stop_on: Option<StopOn>,
+    early_stop: Option<f64>,
     mode: Mode,
     out: Option<PathBuf>,
     corpus: Option<String>,
@@ -84,6 +89,8 @@ fn parse_args() -> Result<Args, String> {
         steps: None,
         kl: None,
         clamp: None,
+        stop_on: None,
+        early_stop: None,
         mode: Mode::Single,
         out: None,
         corpus: None,
@@ -151,6 +158,13 @@ fn parse_args() -> Result<Args, String> {
                 a.templates = Some(spec);
             }
             "--steps" => a.steps = Some(num(&value)?),
+            "--early-stop" => {
+                a.early_stop = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("--early-stop: {value:?} is not a number"))?,
+                )
+            }
             "--kl" | "--clamp" => {
                 let x: f64 = value
                     .parse()
@@ -160,6 +174,13 @@ fn parse_args() -> Result<Args, String> {
                 } else {
                     a.clamp = Some(x);
                 }
+            }
+            "--stop-on" => {
+                a.stop_on = Some(match value.as_str() {
+                    "target" => StopOn::TargetLoss,
+                    "total" => StopOn::TotalLoss,
+                    _ => return Err(format!("--stop-on: {value:?} is not target or total")),
+                })
             }
             "--mode" => a.mode = value.parse().map_err(|e| format!("{e}"))?,
             "--out" => a.out = Some(PathBuf::from(value)),
@@ -179,7 +200,7 @@ fn main() {
         Ok(a) => a,
         Err(msg) => {
             let usage = "usage: counterfact_eval [--method rome|memit|alphaedit[,…]] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
-                 [--templates TxN,..] [--steps N] [--kl X] [--clamp X] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
+                 [--templates TxN,..] [--steps N] [--kl X] [--clamp X] [--stop-on target|total] [--early-stop X] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
                  [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]\n\
                  (each option is described at the top of examples/counterfact_eval.rs)";
             // --help asked for the usage: it is the answer, not an error.
@@ -310,6 +331,12 @@ fn run_method(
     }
     if let Some(clamp) = args.clamp {
         editor.hparams_mut().clamp_norm_factor = clamp;
+    }
+    if let Some(stop_on) = args.stop_on {
+        editor.hparams_mut().early_stop_on = stop_on;
+    }
+    if let Some(threshold) = args.early_stop {
+        editor.hparams_mut().early_stop_loss = threshold;
     }
     if let Some(spec) = &args.templates {
         match method {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use kedit::edit::{Delta, EditRequest, Editor, RomeHParams};
+use kedit::edit::{Delta, EditRequest, Editor, RomeHParams, StopOn};
 use kedit::stats::{Corpus, StatsOptions};
 use kedit::{Error, Hooks, LogitsAt, Model, Tensor};
 
@@ -372,4 +372,67 @@ fn statistics_needed_after_an_edit_come_from_the_base_model() {
         "the edit at layer 0 changes the keys of layer 1"
     );
     ed.undo(edit.id).unwrap();
+}
+
+/// The early stop compares the loss the hyper-parameters name with the
+/// threshold: the target part alone (the default) or the total with the KL
+/// and decay terms (the reference's rule).
+#[test]
+fn early_stop_follows_the_named_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |stop_on: StopOn, threshold: f64| {
+        let mut ed = editor("llama", 0, dir.path());
+        let hp = ed.hparams_mut();
+        hp.early_stop_on = stop_on;
+        hp.early_stop_loss = threshold;
+        hp.kl_factor = 1.0; // a KL term large enough for the rules to differ
+        ed.apply(&request()).unwrap().report
+    };
+    // The whole trajectory first (a threshold of 0 never stops).
+    let full = run(StopOn::TargetLoss, 0.0);
+    let steps = full.losses.len();
+    assert_eq!(steps, 12);
+    assert_eq!(full.target_losses.len(), steps);
+    for (total, target) in full.losses.iter().zip(&full.target_losses) {
+        assert!(total + 1e-6 >= *target, "KL and decay are not negative");
+    }
+    // A threshold just above the target loss half way: each rule stops
+    // after the first step whose loss is below it (or runs all steps), and
+    // the target rule stops first, the KL term being positive after step 0.
+    let threshold = f64::from(full.target_losses[steps / 2]) * 1.000_01;
+    let stop_after = |losses: &[f32]| {
+        losses
+            .iter()
+            .position(|&l| f64::from(l) < threshold)
+            .map_or(steps, |s| s + 1)
+    };
+    let target_rule = run(StopOn::TargetLoss, threshold);
+    assert_eq!(target_rule.losses.len(), stop_after(&full.target_losses));
+    assert_eq!(
+        target_rule.losses[..],
+        full.losses[..target_rule.losses.len()]
+    );
+    let total_rule = run(StopOn::TotalLoss, threshold);
+    assert_eq!(total_rule.losses.len(), stop_after(&full.losses));
+    assert!(total_rule.losses.len() > target_rule.losses.len());
+}
+
+/// Hyper-parameters saved before the stop rule was a setting read back
+/// with the rule they were made with (the total loss); new defaults stop
+/// on the target loss.
+#[test]
+fn hyper_parameters_without_a_stop_rule_read_as_the_total_loss() {
+    let hp = RomeHParams::for_model(tiny("llama").config());
+    assert_eq!(hp.early_stop_on, StopOn::TargetLoss);
+    let mut json = serde_json::to_value(&hp).unwrap();
+    json.as_object_mut().unwrap().remove("early_stop_on");
+    let old: RomeHParams = serde_json::from_value(json).unwrap();
+    assert_eq!(old.early_stop_on, StopOn::TotalLoss);
+    assert_eq!(
+        RomeHParams {
+            early_stop_on: StopOn::TargetLoss,
+            ..old
+        },
+        hp
+    );
 }

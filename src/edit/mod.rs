@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use alphaedit::{AlphaEditHParams, NullSpace, NullSpaceThreshold};
 pub use delta::{Delta, DeltaInfo, LayerDelta};
-pub use hparams::RomeHParams;
+pub use hparams::{RomeHParams, StopOn};
 pub use memit::{BatchApplied, BatchMethod, BatchReport, BatchTimings, LayerReport, MemitHParams};
 pub use request::{with_leading_space, EditKind, EditRequest};
 pub use templates::{context_templates, group_weights};
@@ -79,8 +79,13 @@ pub struct EditReport {
     pub delta_norm: f32,
     /// `‖W' k* − v*‖ / ‖v*‖` after the update.
     pub rewrite_error: f32,
-    /// Loss at each step of the v* optimisation.
+    /// Loss at each step of the v* optimisation (target + KL + decay).
     pub losses: Vec<f32>,
+    /// The target part of `losses` at each step: the mean NLL of the new
+    /// target (unlikelihood of the true one for an erase). Empty in
+    /// reports written before it was recorded.
+    #[serde(default)]
+    pub target_losses: Vec<f32>,
     /// For erase: the true target left the top 10 and its probability fell ≥ 10×.
     pub erased: Option<bool>,
     /// Seconds: statistics and templates (first use of a layer), shared
@@ -395,6 +400,7 @@ impl Editor {
             delta_norm: delta.norm()?,
             rewrite_error,
             losses: kv.losses,
+            target_losses: kv.target_losses,
             erased,
             seconds: timings,
         };

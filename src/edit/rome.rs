@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var, D};
 
-use super::hparams::RomeHParams;
+use super::hparams::{RomeHParams, StopOn};
 use super::request::{EditKind, EditRequest};
 use crate::linalg::SpdSolver;
 use crate::model::{At, Hooks, KvCache, LogitsAt, Model, Site};
@@ -44,6 +44,8 @@ pub struct KeyValue {
     pub delta: Tensor,
     /// Total loss at each step taken.
     pub losses: Vec<f32>,
+    /// The target part of `losses` (NLL, or unlikelihood for an erase).
+    pub target_losses: Vec<f32>,
     /// Seconds spent on the shared forward pass (keys, caches); for a
     /// request optimised in a group, the group's time over its size.
     pub prepare_seconds: f64,
@@ -555,6 +557,7 @@ fn optimise(
     };
     let mut shards = problem.shards(&active_rows(&active), n_threads)?;
     let mut losses = vec![Vec::with_capacity(hp.v_steps); n_req];
+    let mut target_losses = vec![Vec::with_capacity(hp.v_steps); n_req];
     for step in 0..hp.v_steps {
         let want_grad = step + 1 < hp.v_steps;
         let results: Vec<Result<(Vec<f32>, Option<Tensor>)>> = {
@@ -566,11 +569,18 @@ fn optimise(
         };
         let mut delta_now: Vec<Vec<f32>> = delta.as_tensor().to_vec2()?;
         let mut loss = vec![0f64; n_req];
+        // The target part of each loss (NLL or unlikelihood), for the stop rule.
+        let mut target_loss = vec![0f64; n_req];
         let mut grad = vec![vec![0f32; cfg.d_model]; n_req];
         for (shard, result) in shards.iter().zip(results) {
             let (values, g) = result?;
-            for (&owner, v) in shard.point_owners.iter().zip(values) {
+            // A shard's points are its target points, then its KL points.
+            let n_targets = shard.target_ids.dim(0)?;
+            for (point, (&owner, v)) in shard.point_owners.iter().zip(values).enumerate() {
                 loss[owner] += f64::from(v);
+                if point < n_targets {
+                    target_loss[owner] += f64::from(v);
+                }
             }
             if let Some(g) = g {
                 for (sum, part) in grad.iter_mut().zip(g.to_vec2::<f32>()?) {
@@ -592,7 +602,12 @@ fn optimise(
                 )));
             }
             losses[i].push(total);
-            if reqs[i].kind != EditKind::Erase && f64::from(total) < hp.early_stop_loss {
+            target_losses[i].push(target_loss[i] as f32);
+            let stop_value = match hp.early_stop_on {
+                StopOn::TotalLoss => f64::from(total),
+                StopOn::TargetLoss => target_loss[i],
+            };
+            if reqs[i].kind != EditKind::Erase && stop_value < hp.early_stop_loss {
                 active[i] = false;
                 changed = true;
                 continue;
@@ -650,6 +665,7 @@ fn optimise(
             key,
             delta: deltas.get(i)?,
             losses: std::mem::take(&mut losses[i]),
+            target_losses: std::mem::take(&mut target_losses[i]),
             prepare_seconds: prepare_seconds * share,
             optimise_seconds: optimise_seconds * share,
             row_scales: problem.row_scales[range].to_vec(),
