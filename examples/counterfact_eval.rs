@@ -308,8 +308,11 @@ fn run_method(
         None => Corpus::self_sampled(),
     };
     let corpus_name = match &corpus {
-        Corpus::File(p) => p.display().to_string(),
-        _ => "self-sampled (seed 0)".to_string(),
+        Corpus::File(p) => format!("{} ({} samples)", p.display(), args.stats_samples),
+        Corpus::SelfSampled { seed, sequences } => {
+            format!("self-sampled (seed {seed}, {sequences} sequences)")
+        }
+        Corpus::Texts { name, texts } => format!("{name} ({} texts)", texts.len()),
     };
     let mut editor = Editor::new(model).with_corpus(corpus);
     if let Some(l) = args.layer {
@@ -378,14 +381,13 @@ fn run_method(
     };
     eprintln!(
         "{} records {}..{} of {} ({} schema), method {}, mode {mode_name}, layers {layer_tag}, \
-         corpus {corpus_name} ({} samples), fluency {} tokens → {}",
+         corpus {corpus_name}, fluency {} tokens → {}",
         slice.len(),
         args.start,
         end,
         args.data.display(),
         serde_json::to_string(&slice[0].schema)?.trim_matches('"'),
         method.name(),
-        args.stats_samples,
         args.fluency_tokens,
         out.display()
     );
