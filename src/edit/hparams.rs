@@ -14,7 +14,8 @@ pub struct RomeHParams {
     pub layer: usize,
     /// Adam learning rate of δ.
     pub v_lr: f64,
-    /// Adam steps at most.
+    /// Optimisation steps at most: loss evaluations, each but the last
+    /// followed by an Adam update.
     pub v_steps: usize,
     /// Weight of ‖δ‖² / ‖v‖² in the loss.
     pub v_weight_decay: f64,
@@ -33,8 +34,8 @@ pub struct RomeHParams {
     /// The default is five of 5 tokens and five of 10, plus the bare
     /// prompt: on the first 50 CounterFact records of SmolLM2 it edits as
     /// well as the reference's ten of each (ES / PS / NS 1.00 / 0.91 /
-    /// 0.816 against 1.00 / 0.91 / 0.814) with about half the prompts to
-    /// optimise over (`docs/eval-smollm2.md`).
+    /// 0.816 against 1.00 / 0.91 / 0.814, both stopping on the total loss)
+    /// with about half the prompts to optimise over (`docs/eval-smollm2.md`).
     pub context_templates: Vec<(usize, usize)>,
     /// Seed of the context-template sampler.
     pub templates_seed: u64,

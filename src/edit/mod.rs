@@ -82,8 +82,9 @@ pub struct EditReport {
     /// Loss at each step of the v* optimisation (target + KL + decay).
     pub losses: Vec<f32>,
     /// The target part of `losses` at each step: the mean NLL of the new
-    /// target (unlikelihood of the true one for an erase). Empty in
-    /// reports written before it was recorded.
+    /// target; for an erase, the unlikelihood of the true target plus the
+    /// NLL of the neutral target when one is given. Empty in reports
+    /// written before it was recorded.
     #[serde(default)]
     pub target_losses: Vec<f32>,
     /// For erase: the true target left the top 10 and its probability fell ≥ 10×.

@@ -44,7 +44,7 @@ pub struct KeyValue {
     pub delta: Tensor,
     /// Total loss at each step taken.
     pub losses: Vec<f32>,
-    /// The target part of `losses` (NLL, or unlikelihood for an erase).
+    /// The target part of `losses` (see [`crate::edit::EditReport::target_losses`]).
     pub target_losses: Vec<f32>,
     /// Seconds spent on the shared forward pass (keys, caches); for a
     /// request optimised in a group, the group's time over its size.
