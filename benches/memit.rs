@@ -5,9 +5,10 @@
 //!   CounterFact (`counterfact_preknown.json`), δ optimisations included.
 //!   `N` is `KEDIT_BENCH_MEMIT_N` (default 10; the 100-edit batch is
 //!   `KEDIT_BENCH_MEMIT_N=100 cargo bench --bench memit -- batch`).
-//! - `memit_smollm2/keys_and_solve_N`: the same batch without its δ
-//!   optimisations (zero targets, every other step as in a real edit): the
-//!   key passes and the per-layer solves that MEMIT adds to ROME's work.
+//! - `memit_smollm2/keys_and_solve_N`: the same batch with δ's optimisation
+//!   cut to one loss evaluation and no update (zero targets; every other
+//!   step as in a real edit): the key passes and the per-layer solves that
+//!   MEMIT adds to ROME's work, plus one forward pass of the target prompts.
 //! - `alphaedit_smollm2/null_space_layer_L`: the projector of one layer
 //!   (eigendecomposition of the 1536 × 1536 `C` and the basis), as when its
 //!   disk cache is cold.
@@ -71,7 +72,9 @@ fn memit(c: &mut Criterion) {
         })
     });
     let steps = editor.hparams().v_steps;
-    editor.hparams_mut().v_steps = 0;
+    // One step is one loss evaluation without an update: δ stays zero
+    // (zero steps is refused as a hyper-parameter).
+    editor.hparams_mut().v_steps = 1;
     group.bench_function(format!("keys_and_solve_{n}"), |b| {
         b.iter(|| {
             editor
