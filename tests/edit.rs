@@ -436,3 +436,31 @@ fn hyper_parameters_without_a_stop_rule_read_as_the_total_loss() {
         hp
     );
 }
+
+/// `target_losses` is the target part of `losses`: with no KL and no decay
+/// the two are equal; with a KL term the total exceeds it after the first
+/// step (δ = 0 at step 0, where the KL is zero).
+#[test]
+fn target_losses_are_the_target_part_of_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |kl: f64, decay: f64| {
+        let mut ed = editor("llama", 0, dir.path());
+        let hp = ed.hparams_mut();
+        hp.kl_factor = kl;
+        hp.v_weight_decay = decay;
+        hp.early_stop_loss = 0.0;
+        ed.apply(&request()).unwrap().report
+    };
+    let plain = run(0.0, 0.0);
+    assert_eq!(plain.losses, plain.target_losses);
+    let with_kl = run(1.0, 0.0);
+    // At δ = 0 the KL is zero up to the rounding of two equal softmaxes.
+    let (total, target) = (with_kl.losses[0], with_kl.target_losses[0]);
+    assert!(
+        (total - target).abs() <= 1e-5 * target,
+        "{total} vs {target}"
+    );
+    for (total, target) in with_kl.losses.iter().zip(&with_kl.target_losses).skip(1) {
+        assert!(total > target, "{total} ≤ {target}");
+    }
+}
