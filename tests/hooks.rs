@@ -275,3 +275,111 @@ fn ragged_prefix_cache_and_forward_from_match_full_run() {
         }
     }
 }
+
+/// In a right-padded batch (where the decoder runs norms, projections and
+/// MLPs on the real columns only), hooks act on each row as they do on the
+/// row alone: an `Add` at one row's point moves that row's logits as it
+/// would alone and leaves the other row as it is without it,
+/// captures are those of the rows alone, and the gradient reaching the
+/// added `Var` is the single-row gradient.
+#[test]
+fn hooks_and_gradients_in_a_padded_batch_equal_each_row_alone() {
+    for family in ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"] {
+        let model = tiny_f64(family);
+        let expected = load_tensors(&tiny_dir(family).join("expected.safetensors"));
+        let long = ids(&expected["ids_0"]);
+        let short: Vec<u32> = ids(&expected["ids_1"]).into_iter().take(4).collect();
+        assert!(
+            long.len() > short.len() + 2,
+            "{family}: rows of equal length"
+        );
+        let d = model.config().d_model;
+        let (layer, pos, target) = (0, 2, 3usize);
+        let init: Vec<f64> = (0..d).map(|i| ((i * 13 % 7) as f64 - 3.0) * 0.02).collect();
+        let var = Var::from_vec(init, d, model.device()).unwrap();
+
+        // The short row alone, with δ at (0, pos): logits, key capture, gradient.
+        let run = |seqs: &[Vec<u32>], row: usize, with_delta: bool| {
+            let batch = model.batch(seqs).unwrap();
+            let mut hooks = Hooks::new();
+            if with_delta {
+                hooks.add(
+                    Site::MlpOut(layer),
+                    At::point(row, pos),
+                    var.as_tensor().clone(),
+                );
+            }
+            let key = hooks.capture(Site::MlpKey(layer + 1), At::All);
+            let out = model.forward(&batch, &LogitsAt::Last, &hooks).unwrap();
+            let key = out.capture(key).clone();
+            (out.logits.unwrap(), key)
+        };
+        let grad_of = |logits: &Tensor, row: usize| -> Tensor {
+            let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1).unwrap();
+            let loss = logp.get(row).unwrap().get(target).unwrap();
+            loss.backward()
+                .unwrap()
+                .get(var.as_tensor())
+                .unwrap()
+                .clone()
+        };
+        let (alone_logits, alone_key) = run(std::slice::from_ref(&short), 0, true);
+        let alone_grad = grad_of(&alone_logits, 0);
+        let (plain_long, _) = run(std::slice::from_ref(&long), 0, false);
+
+        let seqs = vec![long.clone(), short.clone()];
+        let (logits, key) = run(&seqs, 1, true);
+        let batch_grad = grad_of(&logits, 1);
+        let tol = 1e-9;
+        let max_abs_diff = max_abs_diff_f64;
+        let diff = max_abs_diff(&logits.get(1).unwrap(), &alone_logits.get(0).unwrap());
+        assert!(
+            diff < tol,
+            "{family}: edited row differs from alone by {diff}"
+        );
+        let diff = max_abs_diff(&logits.get(0).unwrap(), &plain_long.get(0).unwrap());
+        assert!(diff < tol, "{family}: the other row moved by {diff}");
+        let got = key.get(1).unwrap().narrow(0, 0, short.len()).unwrap();
+        let diff = max_abs_diff(&got, &alone_key.get(0).unwrap());
+        assert!(
+            diff < tol,
+            "{family}: key capture differs from alone by {diff}"
+        );
+        let diff = max_abs_diff(&batch_grad, &alone_grad);
+        assert!(
+            diff < tol,
+            "{family}: gradient differs from alone by {diff}"
+        );
+        let norm: f64 = alone_grad
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(norm > 1e-12, "{family}: no gradient reached δ");
+    }
+}
+
+/// Largest absolute difference, computed in f64.
+fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}

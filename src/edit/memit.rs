@@ -384,8 +384,9 @@ impl KeyRows {
                 Some((from, xs)) if *from <= layer => (xs[c].clone(), *from),
                 _ => (decoder.embed(&model.batch(&seqs)?.ids, &mut plain)?, 0),
             };
+            let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
             if start < layer {
-                x = decoder.blocks(x, start..layer, &mut plain, None)?;
+                x = decoder.blocks(x, start..layer, &mut plain, None, &lengths)?;
             }
             let last: Vec<(usize, usize)> = seqs
                 .iter()
@@ -399,7 +400,7 @@ impl KeyRows {
                 captures: vec![None],
                 offset: 0,
             };
-            decoder.blocks(x.clone(), layer..layer + 1, &mut pass, None)?;
+            decoder.blocks(x.clone(), layer..layer + 1, &mut pass, None, &lengths)?;
             let k = pass.captures[0]
                 .take()
                 .ok_or_else(|| Error::invalid("keys", "the key capture produced nothing"))?;

@@ -231,6 +231,74 @@ impl<'a> Pass<'a> {
         }
         self.hooks.apply(site, x, self.offset, &mut self.captures)
     }
+
+    /// [`Pass::hook`] on a packed stream: hooks address `(row, column)`, so
+    /// an active site sees the padded rows.
+    fn hook_packed(&mut self, site: Site, x: Tensor, packing: Option<&Packing>) -> Result<Tensor> {
+        match packing {
+            Some(p) if !self.hooks.is_idle(site) => p.pack(&self.hook(site, p.unpack(&x)?)?),
+            _ => self.hook(site, x),
+        }
+    }
+}
+
+/// The real columns of a right-padded batch, flattened.
+///
+/// Norms, projections and the MLP treat every column on its own, so they
+/// run on `[real columns, features]` and skip the padding, which in the
+/// editing batches (prompts of different lengths) is a quarter to a half
+/// of all columns. Attention needs whole rows: it unpacks, and each padded
+/// column reads a copy of its row's last real column (causal attention
+/// never lets a real column see the columns after it, so these copies
+/// change nothing real, and no gradient reaches them).
+pub(crate) struct Packing {
+    /// `[real]`: the flat index `r · t + c` of every real column.
+    real: Tensor,
+    /// `[b · t]`: for every column of the padded layout, the packed index
+    /// it reads.
+    padded: Tensor,
+    rows: usize,
+    cols: usize,
+}
+
+impl Packing {
+    /// `None` when there is no padding to skip.
+    fn new(lengths: &[usize], rows: usize, cols: usize, device: &Device) -> Result<Option<Self>> {
+        if rows < 2
+            || lengths.len() != rows
+            || lengths.iter().any(|&n| n == 0 || n > cols)
+            || lengths.iter().all(|&n| n == cols)
+        {
+            return Ok(None);
+        }
+        let mut real = Vec::with_capacity(lengths.iter().sum());
+        let mut padded = Vec::with_capacity(rows * cols);
+        for (r, &n) in lengths.iter().enumerate() {
+            let first = real.len() as u32;
+            real.extend((0..n).map(|c| (r * cols + c) as u32));
+            padded.extend((0..cols).map(|c| first + c.min(n - 1) as u32));
+        }
+        Ok(Some(Self {
+            real: Tensor::new(real.as_slice(), device)?,
+            padded: Tensor::new(padded.as_slice(), device)?,
+            rows,
+            cols,
+        }))
+    }
+
+    /// `[rows, cols, f]` → `[real, f]`.
+    fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let f = x.dim(D::Minus1)?;
+        Ok(x.reshape((self.rows * self.cols, f))?
+            .index_select(&self.real, 0)?)
+    }
+
+    /// `[real, f]` → `[rows, cols, f]`.
+    fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+        let f = x.dim(D::Minus1)?;
+        Ok(x.index_select(&self.padded, 0)?
+            .reshape((self.rows, self.cols, f))?)
+    }
 }
 
 /// The decoder itself: configuration plus weights.
@@ -274,15 +342,27 @@ impl Decoder {
         })
     }
 
-    /// Runs blocks `layers` on the residual stream `x` (`[batch, seq, d_model]`).
+    /// Runs blocks `layers` on the residual stream `x` (`[batch, seq, d_model]`,
+    /// right-padded: row `r` holds `lengths[r]` real columns).
+    ///
+    /// Token-wise work (norms, projections, the MLP: nearly all of the
+    /// arithmetic) runs on the real columns only ([`Packing`]); attention
+    /// and hooks see the padded rows.
     pub(crate) fn blocks(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         layers: std::ops::Range<usize>,
         pass: &mut Pass,
         mut cache: Option<&mut KvCache>,
+        lengths: &[usize],
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let packing = Packing::new(lengths, b, t, &self.device)?;
+        let packing = packing.as_ref();
+        let mut x = match packing {
+            Some(p) => p.pack(&x)?,
+            None => x,
+        };
         let (cached, pads) = match cache.as_deref_mut() {
             Some(c) => {
                 if c.layers.len() < self.config.n_layers {
@@ -311,17 +391,18 @@ impl Decoder {
             .transpose()?;
         for l in layers {
             let block = &self.weights.blocks[l];
-            x = pass.hook(Site::ResidPre(l), x)?;
+            x = pass.hook_packed(Site::ResidPre(l), x, packing)?;
             let h1 = block.ln1.forward(&x)?;
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let attn = self.attention(l, &h1, rotary.as_ref(), mask.as_ref(), kv)?;
-            let attn = pass.hook(Site::AttnOut(l), attn)?;
+            let rows = (b, t, packing);
+            let attn = self.attention(l, &h1, rows, rotary.as_ref(), mask.as_ref(), kv)?;
+            let attn = pass.hook_packed(Site::AttnOut(l), attn, packing)?;
             if self.config.parallel_residual {
                 let h2 = match &block.ln2 {
                     Some(ln2) => ln2.forward(&x)?,
                     None => h1,
                 };
-                let mlp = self.mlp(l, &h2, pass)?;
+                let mlp = self.mlp(l, &h2, pass, packing)?;
                 x = ((x + attn)? + mlp)?;
             } else {
                 x = (x + attn)?;
@@ -329,18 +410,27 @@ impl Decoder {
                     Some(ln2) => ln2.forward(&x)?,
                     None => block.ln1.forward(&x)?,
                 };
-                let mlp = self.mlp(l, &h2, pass)?;
+                let mlp = self.mlp(l, &h2, pass, packing)?;
                 x = (x + mlp)?;
             }
-            x = pass.hook(Site::ResidPost(l), x)?;
+            x = pass.hook_packed(Site::ResidPost(l), x, packing)?;
         }
         if let Some(c) = cache {
             c.columns = cached + t;
         }
-        Ok(x)
+        match packing {
+            Some(p) => p.unpack(&x),
+            None => Ok(x),
+        }
     }
 
-    fn mlp(&self, l: usize, h: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+    fn mlp(
+        &self,
+        l: usize,
+        h: &Tensor,
+        pass: &mut Pass,
+        packing: Option<&Packing>,
+    ) -> Result<Tensor> {
         let mlp = &self.weights.blocks[l].mlp;
         let key = match &mlp.input {
             MlpIn::Plain { w_in } => activate(self.config.activation, &w_in.forward(h)?)?,
@@ -348,23 +438,30 @@ impl Decoder {
                 (activate(self.config.activation, &w_gate.forward(h)?)? * w_up.forward(h)?)?
             }
         };
-        let key = pass.hook(Site::MlpKey(l), key)?;
+        let key = pass.hook_packed(Site::MlpKey(l), key, packing)?;
         let out = mlp.w_out.forward(&key)?;
-        pass.hook(Site::MlpOut(l), out)
+        pass.hook_packed(Site::MlpOut(l), out, packing)
     }
 
+    /// Self-attention of block `l` on `h`: `[b, t, d_model]`, or the real
+    /// columns of those rows when `packing` is given (then the projections
+    /// run on those, and the scores on the padded rows).
     fn attention(
         &self,
         l: usize,
         h: &Tensor,
+        (b, t, packing): (usize, usize, Option<&Packing>),
         rotary: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let attn = &self.weights.blocks[l].attn;
-        let (b, t, _) = h.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            let y = match packing {
+                Some(p) => p.unpack(&y)?,
+                None => y,
+            };
             Ok(y.reshape((b, t, heads, cfg.head_dim))?.transpose(1, 2)?)
         };
         let mut q = split(attn.wq.forward(h)?, cfg.n_heads)?;
@@ -397,6 +494,10 @@ impl Decoder {
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, cfg.n_heads * cfg.head_dim))?;
+        let out = match packing {
+            Some(p) => p.pack(&out)?,
+            None => out,
+        };
         attn.wo.forward(&out)
     }
 
@@ -479,7 +580,7 @@ impl Decoder {
             offset,
         };
         let x = self.embed(ids, &mut pass)?;
-        let x = self.blocks(x, 0..self.config.n_layers, &mut pass, cache)?;
+        let x = self.blocks(x, 0..self.config.n_layers, &mut pass, cache, lengths)?;
         let logits = self.head(&x, lengths, at)?;
         let captures = collect_captures(pass.captures)?;
         Ok(Forward { logits, captures })
@@ -513,7 +614,7 @@ impl Decoder {
             offset: 0,
         };
         let x = self.embed(ids, &mut pass)?;
-        self.blocks(x, 0..last_layer + 1, &mut pass, None)?;
+        self.blocks(x, 0..last_layer + 1, &mut pass, None, lengths)?;
         Ok(Forward {
             logits: None,
             captures: collect_captures(pass.captures)?,
@@ -573,6 +674,7 @@ impl Decoder {
             first_layer..self.config.n_layers,
             &mut pass,
             cache,
+            lengths,
         )?;
         let logits = self.head(&x, lengths, at)?;
         Ok(Forward {
