@@ -24,6 +24,7 @@
 //! - `--steps N` (at most `N` optimisation steps of δ; default 20)
 //! - `--kl X`, `--clamp X` (δ's KL weight and norm clamp, a multiple of
 //!   ‖v‖; defaults 0.0625 and 4)
+//! - `--lr X` (Adam's learning rate for δ; default 0.5)
 //! - `--stop-on target|total` (which loss ends δ's optimisation early: the
 //!   target NLL alone, the default, or NLL + KL + decay as the reference)
 //! - `--early-stop X` (the threshold of that loss; default 0.05)
@@ -63,6 +64,7 @@ struct Args {
     steps: Option<usize>,
     kl: Option<f64>,
     clamp: Option<f64>,
+    lr: Option<f64>,
     stop_on: Option<StopOn>,
     early_stop: Option<f64>,
     mode: Mode,
@@ -89,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
         steps: None,
         kl: None,
         clamp: None,
+        lr: None,
         stop_on: None,
         early_stop: None,
         mode: Mode::Single,
@@ -165,14 +168,14 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|_| format!("--early-stop: {value:?} is not a number"))?,
                 )
             }
-            "--kl" | "--clamp" => {
+            "--kl" | "--clamp" | "--lr" => {
                 let x: f64 = value
                     .parse()
                     .map_err(|_| format!("{flag}: {value:?} is not a number"))?;
-                if flag == "--kl" {
-                    a.kl = Some(x);
-                } else {
-                    a.clamp = Some(x);
+                match flag.as_str() {
+                    "--kl" => a.kl = Some(x),
+                    "--clamp" => a.clamp = Some(x),
+                    _ => a.lr = Some(x),
                 }
             }
             "--stop-on" => {
@@ -200,7 +203,7 @@ fn main() {
         Ok(a) => a,
         Err(msg) => {
             let usage = "usage: counterfact_eval [--method rome|memit|alphaedit[,…]] [--data FILE] [--start I] [--n N] [--layer L] [--layers L1,L2,..] [--lambda X] \
-                 [--templates TxN,..] [--steps N] [--kl X] [--clamp X] [--stop-on target|total] [--early-stop X] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
+                 [--templates TxN,..] [--steps N] [--kl X] [--clamp X] [--lr X] [--stop-on target|total] [--early-stop X] [--mode single|batch|sequential[:EVERY]] [--out DIR] [--corpus FILE|self] \
                  [--stats-samples N] [--fluency-tokens N] [--model PATH] [--reuse-deltas DIR] [--skip-bad] [--quiet]\n\
                  (each option is described at the top of examples/counterfact_eval.rs)";
             // --help asked for the usage: it is the answer, not an error.
@@ -334,6 +337,9 @@ fn run_method(
     }
     if let Some(clamp) = args.clamp {
         editor.hparams_mut().clamp_norm_factor = clamp;
+    }
+    if let Some(lr) = args.lr {
+        editor.hparams_mut().v_lr = lr;
     }
     if let Some(stop_on) = args.stop_on {
         editor.hparams_mut().early_stop_on = stop_on;
