@@ -459,6 +459,16 @@ fn bad_batches_are_typed_errors_and_leave_weights_untouched() {
         let mut reqs = requests();
         reqs[1] = EditRequest::modify("no placeholder", "x", "a", "b");
         assert!(invalid(ed.apply_batch(method, &reqs)).contains("request 1"));
+        // The same prompt and subject twice, with the same or another target.
+        let mut reqs = requests();
+        reqs.push(requests()[0].clone());
+        let msg = invalid(ed.apply_batch(method, &reqs));
+        assert!(
+            msg.contains("request 3") && msg.contains("request 0"),
+            "{msg}"
+        );
+        reqs[3] = EditRequest::modify("the capital of {}", "france", "paris", "lyon");
+        assert!(invalid(ed.apply_batch(method, &reqs)).contains("same prompt and subject"));
     }
     ed.memit_hparams_mut().layers = vec![0, 7];
     assert!(invalid(ed.apply_batch(BatchMethod::Memit, &requests())).contains("7 is out of range"));

@@ -684,6 +684,24 @@ impl Editor {
             return Err(Error::invalid("batch", "it holds no request"));
         }
         let sorted = self.check_window(method, layers)?;
+        // One key gets one value: two requests on the same prompt and
+        // subject share their keys, so the solve would split the difference
+        // and neither target would be written (with conflicting targets,
+        // one would silently lose).
+        let mut seen = std::collections::HashMap::new();
+        for (i, req) in requests.iter().enumerate() {
+            if let Some(first) = seen.insert((req.prompt.as_str(), req.subject.as_str()), i) {
+                return Err(Error::invalid(
+                    format!("request {i} of the batch"),
+                    format!(
+                        "it edits the same prompt and subject as request {first} \
+                         ({:?}, {:?}); one batch writes one value per key: edit them \
+                         in separate batches or keep one",
+                        req.prompt, req.subject
+                    ),
+                ));
+            }
+        }
         for (i, req) in requests.iter().enumerate() {
             let in_batch = |e: Error| match e {
                 Error::InvalidInput { what, reason } => Error::InvalidInput {
