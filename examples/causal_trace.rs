@@ -76,14 +76,14 @@ fn parse() -> Result<Args, Box<dyn std::error::Error>> {
             "--subject" => a.subject = value()?,
             "--answer" => a.answer = Some(value()?),
             "--out" => a.out = PathBuf::from(value()?),
-            "--known" => a.known = Some(value()?.parse()?),
+            "--known" => a.known = Some(common::parse_value(&flag, &value()?)?),
             "--data" => a.data = PathBuf::from(value()?),
-            "--samples" => a.opts.samples = value()?.parse()?,
-            "--window" => a.opts.window = value()?.parse()?,
-            "--noise" => a.opts.noise = NoiseScale::Fixed(value()?.parse()?),
-            "--seed" => a.opts.seed = value()?.parse()?,
-            "--batch-rows" => a.opts.batch_rows = value()?.parse()?,
-            "--memit-width" => a.memit_width = value()?.parse()?,
+            "--samples" => a.opts.samples = common::parse_value(&flag, &value()?)?,
+            "--window" => a.opts.window = common::parse_value(&flag, &value()?)?,
+            "--noise" => a.opts.noise = NoiseScale::Fixed(common::parse_value(&flag, &value()?)?),
+            "--seed" => a.opts.seed = common::parse_value(&flag, &value()?)?,
+            "--batch-rows" => a.opts.batch_rows = common::parse_value(&flag, &value()?)?,
+            "--memit-width" => a.memit_width = common::parse_value(&flag, &value()?)?,
             "--kinds" => {
                 a.opts.kinds = value()?
                     .split(',')

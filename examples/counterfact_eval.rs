@@ -195,7 +195,46 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
+    check_flags_apply(&a)?;
     Ok(a)
+}
+
+/// Refuses a flag that the chosen methods or mode would ignore, so that a
+/// run never looks as if it measured a setting it did not use.
+fn check_flags_apply(a: &Args) -> Result<(), String> {
+    let asked = |m: Method| a.methods.contains(&m);
+    for (i, m) in a.methods.iter().enumerate() {
+        if a.methods[..i].contains(m) {
+            return Err(format!("--method: {m:?} is named twice"));
+        }
+    }
+    if a.layer.is_some() && !asked(Method::Rome) {
+        return Err("--layer sets ROME's layer, and no ROME run is asked for \
+                    (--layers sets the MEMIT / AlphaEdit window)"
+            .into());
+    }
+    if a.layers.is_some() && !asked(Method::Memit) && !asked(Method::AlphaEdit) {
+        return Err(
+            "--layers sets the MEMIT / AlphaEdit window, and neither is asked \
+                    for (--layer sets ROME's layer)"
+                .into(),
+        );
+    }
+    if a.lambda.is_some() && !asked(Method::Memit) {
+        return Err("--lambda sets MEMIT's λ, and no MEMIT run is asked for".into());
+    }
+    if let Some(dir) = &a.reuse_deltas {
+        if a.mode != Mode::Single {
+            return Err("--reuse-deltas applies to --mode single only".into());
+        }
+        if !dir.is_dir() {
+            return Err(format!(
+                "--reuse-deltas: {} is not a directory",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn main() {

@@ -26,7 +26,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut samples = 1000usize;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value: usize = args.next().ok_or("missing value")?.parse()?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let value: usize = common::parse_value(&flag, &value)?;
+        if value == 0 {
+            return Err(format!("{flag}: must be at least 1").into());
+        }
         match flag.as_str() {
             "--n" => n = value,
             "--stats-samples" => samples = value,

@@ -14,3 +14,16 @@ pub fn exit_status<E: Display>(outcome: Result<(), E>) -> ExitCode {
         }
     }
 }
+
+/// Parses the value of a command-line flag, naming the flag and the value
+/// when it does not parse. (Not every example takes such flags.)
+#[allow(dead_code)]
+pub fn parse_value<T>(flag: &str, value: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: Display,
+{
+    value
+        .parse()
+        .map_err(|e| format!("{flag}: {value:?} is not valid ({e})"))
+}
