@@ -8,10 +8,12 @@ use std::path::PathBuf;
 /// Everything that can go wrong in kedit.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file or directory the caller named does not exist or cannot be read.
-    #[error("cannot read {path}: {source}")]
+    /// A file or directory the caller named does not exist, or cannot be
+    /// read or written (the same variant serves both directions, so the
+    /// message names the path and what the operating system said).
+    #[error("cannot access {path}: {source}")]
     Io {
-        /// The path that could not be read.
+        /// The path that could not be read or written.
         path: PathBuf,
         /// What the operating system said.
         #[source]

@@ -173,6 +173,20 @@ impl EditRequest {
             }
             EditKind::Erase => present(&self.target_true, "target_true")?,
         }
+        // Probes are reported on after the edit; an empty one would only
+        // fail there, after the weights changed.
+        let probes = [
+            ("paraphrase", &self.paraphrases),
+            ("neighbour", &self.neighbours),
+        ];
+        for (kind, prompts) in probes {
+            if let Some(i) = prompts.iter().position(|p| p.trim().is_empty()) {
+                return Err(Error::invalid(
+                    format!("{kind} {i} of the request"),
+                    "it is empty or whitespace",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -187,6 +201,17 @@ mod tests {
         assert_eq!(r.target_true.as_deref(), Some(" France"));
         assert_eq!(r.target_new.as_deref(), Some(" Italy"));
         assert_eq!(r.formatted_prompt(), "Paris is in");
+    }
+
+    #[test]
+    fn empty_probes_are_named() {
+        let r = EditRequest::modify("{} is in", "Paris", "France", "Italy")
+            .with_paraphrases(&["Paris lies in", " "]);
+        let e = r.validate().unwrap_err().to_string();
+        assert!(e.contains("paraphrase 1 of the request"), "{e}");
+        let r = EditRequest::modify("{} is in", "Paris", "France", "Italy").with_neighbours(&[""]);
+        let e = r.validate().unwrap_err().to_string();
+        assert!(e.contains("neighbour 0 of the request"), "{e}");
     }
 
     #[test]
