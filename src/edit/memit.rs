@@ -685,9 +685,10 @@ impl Editor {
         }
         let sorted = self.check_window(method, layers)?;
         // One key gets one value: two requests on the same prompt and
-        // subject share their keys, so the solve would split the difference
-        // and neither target would be written (with conflicting targets,
-        // one would silently lose).
+        // subject share their keys. With different targets the least-squares
+        // solve splits the difference and neither is written; with the same
+        // target the request counts twice against every other one. Either
+        // way the batch would not do what its caller asked.
         let mut seen = std::collections::HashMap::new();
         for (i, req) in requests.iter().enumerate() {
             if let Some(first) = seen.insert((req.prompt.as_str(), req.subject.as_str()), i) {
